@@ -1,0 +1,21 @@
+"""cffi (API mode) build of vmckpt.engine._native: the tracker's fault service, copiers and hashing."""
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+ffi = FFI()
+ffi.cdef((HERE / "tracker_cdef.h").read_text())
+ffi.set_source(
+    "vmckpt.engine._native",
+    '#include "tracker.h"',
+    sources=["engine/native/tracker.c"],
+    include_dirs=["engine/native"],
+    libraries=["crypto", "pthread"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

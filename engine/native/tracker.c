@@ -1,0 +1,617 @@
+#define _GNU_SOURCE
+#define OPENSSL_SUPPRESS_DEPRECATED /* the one-shot SHA256 API skips EVP's per-call overhead */
+#include "tracker.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <openssl/sha.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Per-unit copy state. A unit is never un-protected while it is OWED or COPYING. */
+enum { ST_NONE = 0, ST_OWED = 1, ST_COPYING = 2 };
+
+struct batch {
+    struct batch *next;
+    int n;          /* pages filled */
+    int hashed;     /* copier batches are hashed by the copier; fault batches by the collector */
+    int pooled;     /* from the bounded pool (copiers) or allocated on demand (fault thread) */
+    uint64_t *pfns;
+    uint8_t *ids;
+    uint8_t *zero;
+    uint8_t *data;
+};
+
+struct bqueue {
+    struct batch *head, *tail;
+};
+
+struct trk {
+    struct trk_config cfg;
+    uint64_t nunits;
+    uint32_t ppu;          /* 4 KiB pages per unit */
+    int batch_pages;       /* pages per batch: a whole number of units */
+    const uint8_t *ram;    /* our read-only view of guest RAM */
+    int evfd;              /* wakes the fault thread to stop */
+    atomic_int stopping;
+
+    /* Tracking state. dirty is written by the fault thread only, read and cleared by arm;
+     * both under arm_lock, which also orders every un-protect against arm's write-protect. */
+    pthread_mutex_t arm_lock;
+    uint64_t *dirty;
+    uint64_t dirty_units;
+    _Atomic uint8_t *st;
+    uint64_t *owed;        /* owed unit indices of the checkpoint in flight, ascending */
+    uint64_t owed_n;
+    atomic_uint_fast64_t cursor;     /* next owed[] slot a copier claims */
+    atomic_uint_fast64_t remaining;  /* owed units not yet copied */
+    int armed_once;
+
+    /* Batches. Copiers draw from a bounded pool and wait when it is empty; the fault thread
+     * never waits for space: its copies go to batches allocated on demand (bounded by the owed
+     * set). All queues under q_lock. */
+    pthread_mutex_t q_lock;
+    pthread_cond_t q_ready, q_free, q_work;
+    struct bqueue ready, free_pool, spare_cow;
+    int inflight;          /* pooled batches held by copiers */
+    pthread_mutex_t cow_lock;
+    struct batch *cow_cur;
+
+    pthread_t fault_thread;
+    pthread_t *copiers;
+    int ncopiers_started;
+
+    /* Figures */
+    atomic_uint_fast64_t faults, cow_copies, copier_copies, copier_waits;
+    atomic_uint_fast64_t hist[48];
+    uint64_t faults_at_arm, cows_at_arm;
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void q_push(struct bqueue *q, struct batch *b)
+{
+    b->next = NULL;
+    if (q->tail)
+        q->tail->next = b;
+    else
+        q->head = b;
+    q->tail = b;
+}
+
+static struct batch *q_pop(struct bqueue *q)
+{
+    struct batch *b = q->head;
+    if (b) {
+        q->head = b->next;
+        if (!q->head)
+            q->tail = NULL;
+    }
+    return b;
+}
+
+static struct batch *batch_new(int pages, int pooled)
+{
+    struct batch *b = calloc(1, sizeof *b);
+    if (!b)
+        return NULL;
+    b->pooled = pooled;
+    b->pfns = malloc(sizeof(uint64_t) * pages);
+    b->ids = malloc((size_t)TRK_ID_BYTES * pages);
+    b->zero = malloc(pages);
+    b->data = aligned_alloc(TRK_PAGE, (size_t)TRK_PAGE * pages);
+    if (!b->pfns || !b->ids || !b->zero || !b->data) {
+        free(b->pfns), free(b->ids), free(b->zero), free(b->data), free(b);
+        return NULL;
+    }
+    return b;
+}
+
+static void batch_free(struct batch *b)
+{
+    free(b->pfns), free(b->ids), free(b->zero), free(b->data), free(b);
+}
+
+static int is_zero_page(const uint8_t *p)
+{
+    /* Early exit on the first word keeps non-zero pages at a few ns. */
+    return *(const uint64_t *)p == 0 && memcmp(p, p + 8, TRK_PAGE - 8) == 0;
+}
+
+void trk_hash_pages(const uint8_t *pages, int n, uint8_t *ids, uint8_t *zero)
+{
+    for (int i = 0; i < n; i++) {
+        const uint8_t *p = pages + (size_t)i * TRK_PAGE;
+        zero[i] = (uint8_t)is_zero_page(p);
+        if (zero[i])
+            memset(ids + (size_t)i * TRK_ID_BYTES, 0, TRK_ID_BYTES);
+        else
+            SHA256(p, TRK_PAGE, ids + (size_t)i * TRK_ID_BYTES);
+    }
+}
+
+int trk_wp_range(int uffd, uint64_t start, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect wp = {
+        .range = {.start = start, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    /* EAGAIN: the VMM's address space is changing under us (mremap, fork); try again. */
+    while (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+        if (errno != EAGAIN)
+            return -errno;
+    }
+    return 0;
+}
+
+/* Copies unit u into batch b; the caller owns u (it moved it OWED -> COPYING). */
+static void copy_unit(struct trk *t, uint64_t u, struct batch *b)
+{
+    memcpy(b->data + (size_t)b->n * TRK_PAGE, t->ram + u * t->cfg.unit, t->cfg.unit);
+    for (uint32_t k = 0; k < t->ppu; k++)
+        b->pfns[b->n + k] = u * t->ppu + k;
+    b->n += t->ppu;
+    atomic_store_explicit(&t->st[u], ST_NONE, memory_order_release);
+    atomic_fetch_sub(&t->remaining, 1);
+}
+
+static int claim_unit(struct trk *t, uint64_t u)
+{
+    uint8_t expect = ST_OWED;
+    return atomic_compare_exchange_strong(&t->st[u], &expect, ST_COPYING);
+}
+
+static void bump_hist(struct trk *t, uint64_t ns)
+{
+    int b = ns ? 63 - __builtin_clzll(ns) : 0;
+    atomic_fetch_add_explicit(&t->hist[b < 48 ? b : 47], 1, memory_order_relaxed);
+}
+
+/* Copy-on-write into the fault thread's own batch: never waits for pool space. */
+static void cow_copy(struct trk *t, uint64_t u)
+{
+    pthread_mutex_lock(&t->cow_lock);
+    if (!t->cow_cur) {
+        pthread_mutex_lock(&t->q_lock);
+        t->cow_cur = q_pop(&t->spare_cow);
+        pthread_mutex_unlock(&t->q_lock);
+        if (!t->cow_cur)
+            t->cow_cur = batch_new(t->batch_pages, 0);
+        if (!t->cow_cur)
+            abort(); /* out of memory: dying drops the uffd, the guest runs on */
+        t->cow_cur->n = 0;
+        t->cow_cur->hashed = 0;
+    }
+    copy_unit(t, u, t->cow_cur);
+    if (t->cow_cur->n + (int)t->ppu > t->batch_pages) {
+        pthread_mutex_lock(&t->q_lock);
+        q_push(&t->ready, t->cow_cur);
+        pthread_cond_signal(&t->q_ready);
+        pthread_mutex_unlock(&t->q_lock);
+        t->cow_cur = NULL;
+    }
+    pthread_mutex_unlock(&t->cow_lock);
+    atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
+}
+
+static void serve_fault(struct trk *t, uint64_t addr)
+{
+    uint64_t u = (addr - t->cfg.target_base) / t->cfg.unit;
+    uint64_t t0 = now_ns();
+
+    if (u >= t->nunits)
+        return;
+    pthread_mutex_lock(&t->arm_lock);
+    if (claim_unit(t, u))
+        cow_copy(t, u);
+    else
+        /* A copier holds it: its copy takes a microsecond; the page stays protected until then. */
+        while (atomic_load_explicit(&t->st[u], memory_order_acquire) == ST_COPYING)
+            __builtin_ia32_pause();
+    if (!(t->dirty[u / 64] & (1ull << (u % 64)))) {
+        t->dirty[u / 64] |= 1ull << (u % 64);
+        t->dirty_units++;
+    }
+    trk_wp_range(t->cfg.uffd, t->cfg.target_base + u * t->cfg.unit, t->cfg.unit, 0);
+    pthread_mutex_unlock(&t->arm_lock);
+    atomic_fetch_add_explicit(&t->faults, 1, memory_order_relaxed);
+    bump_hist(t, now_ns() - t0);
+}
+
+static void *fault_main(void *arg)
+{
+    struct trk *t = arg;
+    struct uffd_msg msgs[64];
+    struct pollfd pfd[2] = {{.fd = t->cfg.uffd, .events = POLLIN}, {.fd = t->evfd, .events = POLLIN}};
+
+    while (!atomic_load(&t->stopping)) {
+        ssize_t n = read(t->cfg.uffd, msgs, sizeof msgs);
+        if (n < 0) {
+            if (errno == EAGAIN) {
+                poll(pfd, 2, -1);
+                continue;
+            }
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        for (size_t i = 0; i < (size_t)n / sizeof msgs[0]; i++)
+            if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                serve_fault(t, msgs[i].arg.pagefault.address & ~(uint64_t)(t->cfg.unit - 1));
+    }
+    return NULL;
+}
+
+/* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over. */
+static void *copier_main(void *arg)
+{
+    struct trk *t = arg;
+    for (;;) {
+        struct batch *b;
+
+        pthread_mutex_lock(&t->q_lock);
+        while (!atomic_load(&t->stopping) && atomic_load(&t->cursor) >= t->owed_n)
+            pthread_cond_wait(&t->q_work, &t->q_lock);
+        while (!atomic_load(&t->stopping) && !t->free_pool.head) {
+            atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
+            pthread_cond_wait(&t->q_free, &t->q_lock);
+        }
+        if (atomic_load(&t->stopping)) {
+            pthread_mutex_unlock(&t->q_lock);
+            return NULL;
+        }
+        b = q_pop(&t->free_pool);
+        t->inflight++;
+        pthread_mutex_unlock(&t->q_lock);
+
+        b->n = 0;
+        while (b->n + (int)t->ppu <= t->batch_pages) {
+            uint64_t i = atomic_fetch_add(&t->cursor, 1);
+            if (i >= t->owed_n)
+                break;
+            if (claim_unit(t, t->owed[i])) {
+                copy_unit(t, t->owed[i], b);
+                atomic_fetch_add_explicit(&t->copier_copies, 1, memory_order_relaxed);
+            }
+        }
+        trk_hash_pages(b->data, b->n, b->ids, b->zero);
+        b->hashed = 1;
+
+        pthread_mutex_lock(&t->q_lock);
+        t->inflight--;
+        if (b->n)
+            q_push(&t->ready, b);
+        else
+            q_push(&t->free_pool, b);
+        pthread_cond_broadcast(&t->q_ready);
+        pthread_mutex_unlock(&t->q_lock);
+    }
+}
+
+/* Units holding data: SEEK_DATA/SEEK_HOLE skips never-touched holes (not on hugetlbfs). */
+static uint64_t populated_units(struct trk *t)
+{
+    off_t base = (off_t)t->cfg.offset, end = base + (off_t)t->cfg.length, pos = base;
+    uint64_t n = 0;
+
+    if (t->cfg.owe_all || lseek(t->cfg.ramfd, base, SEEK_DATA) < 0) {
+        for (uint64_t u = 0; u < t->nunits; u++)
+            t->owed[n++] = u;
+        return n;
+    }
+    while (pos < end) {
+        off_t data = lseek(t->cfg.ramfd, pos, SEEK_DATA), hole;
+        if (data < 0 || data >= end)
+            break;
+        hole = lseek(t->cfg.ramfd, data, SEEK_HOLE);
+        if (hole < 0 || hole > end)
+            hole = end;
+        for (uint64_t u = (uint64_t)(data - base) / t->cfg.unit;
+             u < (uint64_t)(hole - base + t->cfg.unit - 1) / t->cfg.unit; u++)
+            if (!n || t->owed[n - 1] != u)
+                t->owed[n++] = u;
+        pos = hole;
+    }
+    return n;
+}
+
+/* Write-protects owed[] as coalesced runs: one ioctl per run. */
+static int protect_owed(struct trk *t, uint64_t *runs)
+{
+    uint64_t i = 0;
+    while (i < t->owed_n) {
+        uint64_t j = i + 1;
+        while (j < t->owed_n && t->owed[j] == t->owed[j - 1] + 1)
+            j++;
+        int rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base + t->owed[i] * t->cfg.unit,
+                              (j - i) * t->cfg.unit, 1);
+        if (rc < 0)
+            return rc;
+        (*runs)++;
+        i = j;
+    }
+    return 0;
+}
+
+int trk_arm(trk_t *t, struct trk_arm_stats *st)
+{
+    uint64_t t0 = now_ns(), n = 0;
+    int rc = 0;
+
+    memset(st, 0, sizeof *st);
+    pthread_mutex_lock(&t->q_lock);
+    if (atomic_load(&t->remaining) || t->ready.head || t->inflight || t->cow_cur) {
+        pthread_mutex_unlock(&t->q_lock);
+        return -EBUSY; /* the previous checkpoint has not been collected whole */
+    }
+    pthread_mutex_unlock(&t->q_lock);
+
+    pthread_mutex_lock(&t->arm_lock);
+    if (!t->armed_once) {
+        /* First checkpoint: everything populated is owed; protect the whole range at once. */
+        n = populated_units(t);
+        for (uint64_t i = 0; i < n; i++)
+            atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
+        t->owed_n = n;
+        rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base, t->cfg.length, 1);
+        st->runs = 1;
+    } else {
+        /* owed <- dirty; dirty <- {}; protect the owed set. Scans 64 units per word. */
+        uint64_t words = (t->nunits + 63) / 64;
+        for (uint64_t w = 0; w < words; w++) {
+            uint64_t bits = t->dirty[w];
+            if (!bits)
+                continue;
+            t->dirty[w] = 0;
+            while (bits) {
+                uint64_t u = w * 64 + (uint64_t)__builtin_ctzll(bits);
+                bits &= bits - 1;
+                atomic_store_explicit(&t->st[u], ST_OWED, memory_order_relaxed);
+                t->owed[n++] = u;
+            }
+        }
+        t->owed_n = n;
+        rc = protect_owed(t, &st->runs);
+    }
+    st->dirty_units = t->dirty_units;
+    t->dirty_units = 0;
+    st->faults = atomic_load(&t->faults) - t->faults_at_arm;
+    st->cow_copies = atomic_load(&t->cow_copies) - t->cows_at_arm;
+    t->faults_at_arm = atomic_load(&t->faults);
+    t->cows_at_arm = atomic_load(&t->cow_copies);
+    st->units_owed = n;
+    atomic_store(&t->remaining, n);
+    atomic_store(&t->cursor, 0);
+    t->armed_once = 1;
+    pthread_mutex_unlock(&t->arm_lock);
+
+    pthread_mutex_lock(&t->q_lock);
+    pthread_cond_broadcast(&t->q_work);
+    pthread_mutex_unlock(&t->q_lock);
+    st->arm_ns = now_ns() - t0;
+    return rc;
+}
+
+/* True when every owed unit is copied and every batch handed over. Caller holds q_lock. */
+static int drained(struct trk *t)
+{
+    return !atomic_load(&t->remaining) && !t->inflight && !t->ready.head;
+}
+
+int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t *zero,
+                int max_pages, int timeout_ms, int *done)
+{
+    struct timespec dl;
+    int out = 0;
+
+    *done = 0;
+    if (max_pages < t->batch_pages)
+        return -EINVAL;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L)
+        dl.tv_sec++, dl.tv_nsec -= 1000000000L;
+
+    pthread_mutex_lock(&t->q_lock);
+    while (!t->ready.head && !drained(t) && !atomic_load(&t->stopping))
+        if (pthread_cond_timedwait(&t->q_ready, &t->q_lock, &dl) == ETIMEDOUT)
+            break;
+    for (;;) {
+        struct batch *b = t->ready.head;
+        if (!b && drained(t)) {
+            /* The fault thread's partial batch is the last to go. */
+            pthread_mutex_unlock(&t->q_lock);
+            pthread_mutex_lock(&t->cow_lock);
+            b = t->cow_cur;
+            if (b && out + b->n <= max_pages)
+                t->cow_cur = NULL;
+            else
+                b = NULL;
+            pthread_mutex_unlock(&t->cow_lock);
+            pthread_mutex_lock(&t->q_lock);
+            if (!b) {
+                *done = out == 0 && !t->cow_cur && drained(t);
+                break;
+            }
+        } else if (!b || out + b->n > max_pages) {
+            break;
+        } else {
+            q_pop(&t->ready);
+        }
+        pthread_mutex_unlock(&t->q_lock);
+
+        if (!b->hashed)
+            trk_hash_pages(b->data, b->n, b->ids, b->zero);
+        memcpy(pfns + out, b->pfns, sizeof(uint64_t) * b->n);
+        memcpy(ids + (size_t)out * TRK_ID_BYTES, b->ids, (size_t)TRK_ID_BYTES * b->n);
+        memcpy(zero + out, b->zero, b->n);
+        for (int i = 0; i < b->n; i++)
+            if (!b->zero[i])
+                memcpy(pages + (size_t)(out + i) * TRK_PAGE, b->data + (size_t)i * TRK_PAGE,
+                       TRK_PAGE);
+        out += b->n;
+
+        pthread_mutex_lock(&t->q_lock);
+        if (b->pooled) {
+            q_push(&t->free_pool, b);
+            pthread_cond_signal(&t->q_free);
+        } else {
+            q_push(&t->spare_cow, b);
+        }
+    }
+    pthread_mutex_unlock(&t->q_lock);
+    return out;
+}
+
+void trk_get_stats(trk_t *t, struct trk_stats *st)
+{
+    st->faults = atomic_load(&t->faults);
+    st->cow_copies = atomic_load(&t->cow_copies);
+    st->copier_copies = atomic_load(&t->copier_copies);
+    st->copier_waits = atomic_load(&t->copier_waits);
+    for (int i = 0; i < 48; i++)
+        st->fault_hist[i] = atomic_load(&t->hist[i]);
+}
+
+void trk_reset_hist(trk_t *t)
+{
+    for (int i = 0; i < 48; i++)
+        atomic_store(&t->hist[i], 0);
+}
+
+const uint8_t *trk_ram(trk_t *t)
+{
+    return t->ram;
+}
+
+static int fail(char *err, size_t errlen, const char *what, int e)
+{
+    snprintf(err, errlen, "%s: %s", what, strerror(e));
+    return -e;
+}
+
+trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen)
+{
+    struct trk *t;
+    uint64_t nbatches;
+    int rc;
+
+    if (!cfg->unit || cfg->unit % TRK_PAGE || cfg->length % cfg->unit || cfg->copiers < 1) {
+        fail(err, errlen, "bad tracker configuration", EINVAL);
+        return NULL;
+    }
+    t = calloc(1, sizeof *t);
+    if (!t) {
+        fail(err, errlen, "tracker", ENOMEM);
+        return NULL;
+    }
+    t->cfg = *cfg;
+    t->nunits = cfg->length / cfg->unit;
+    t->ppu = cfg->unit / TRK_PAGE;
+    t->batch_pages = t->ppu >= 64 ? (int)t->ppu : 64;
+    t->evfd = -1;
+    pthread_mutex_init(&t->arm_lock, NULL);
+    pthread_mutex_init(&t->q_lock, NULL);
+    pthread_mutex_init(&t->cow_lock, NULL);
+    pthread_cond_init(&t->q_ready, NULL);
+    pthread_cond_init(&t->q_free, NULL);
+    pthread_cond_init(&t->q_work, NULL);
+
+    t->ram = mmap(NULL, cfg->length, PROT_READ, MAP_SHARED, cfg->ramfd, (off_t)cfg->offset);
+    if (t->ram == MAP_FAILED) {
+        t->ram = NULL;
+        fail(err, errlen, "mapping guest RAM", errno);
+        goto out;
+    }
+    t->dirty = calloc((t->nunits + 63) / 64, sizeof(uint64_t));
+    t->st = calloc(t->nunits, 1);
+    t->owed = malloc(sizeof(uint64_t) * t->nunits);
+    t->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (!t->dirty || !t->st || !t->owed || t->evfd < 0) {
+        fail(err, errlen, "tracker state", errno ? errno : ENOMEM);
+        goto out;
+    }
+    nbatches = cfg->buffer_bytes / ((uint64_t)t->batch_pages * TRK_PAGE);
+    if (nbatches < 2u * (uint64_t)cfg->copiers)
+        nbatches = 2u * (uint64_t)cfg->copiers;
+    for (uint64_t i = 0; i < nbatches; i++) {
+        struct batch *b = batch_new(t->batch_pages, 1);
+        if (!b) {
+            fail(err, errlen, "copy buffer", ENOMEM);
+            goto out;
+        }
+        q_push(&t->free_pool, b);
+    }
+    rc = pthread_create(&t->fault_thread, NULL, fault_main, t);
+    if (rc) {
+        fail(err, errlen, "fault thread", rc);
+        goto out;
+    }
+    t->copiers = calloc((size_t)cfg->copiers, sizeof(pthread_t));
+    for (int i = 0; i < cfg->copiers; i++) {
+        rc = pthread_create(&t->copiers[i], NULL, copier_main, t);
+        if (rc) {
+            fail(err, errlen, "copier thread", rc);
+            trk_destroy(t);
+            return NULL;
+        }
+        t->ncopiers_started++;
+    }
+    return t;
+out:
+    trk_destroy(t);
+    return NULL;
+}
+
+void trk_destroy(trk_t *t)
+{
+    struct batch *b;
+    uint64_t one = 1;
+
+    if (!t)
+        return;
+    atomic_store(&t->stopping, 1);
+    if (t->evfd >= 0 && write(t->evfd, &one, sizeof one) < 0)
+        perror("vmckpt tracker: eventfd");
+    pthread_mutex_lock(&t->q_lock);
+    pthread_cond_broadcast(&t->q_work);
+    pthread_cond_broadcast(&t->q_free);
+    pthread_cond_broadcast(&t->q_ready);
+    pthread_mutex_unlock(&t->q_lock);
+    if (t->fault_thread)
+        pthread_join(t->fault_thread, NULL);
+    for (int i = 0; i < t->ncopiers_started; i++)
+        pthread_join(t->copiers[i], NULL);
+    /* Closing the uffd drops the registration: the VMM runs on untracked. */
+    if (t->cfg.uffd >= 0)
+        close(t->cfg.uffd);
+    while ((b = q_pop(&t->free_pool)))
+        batch_free(b);
+    while ((b = q_pop(&t->ready)))
+        batch_free(b);
+    while ((b = q_pop(&t->spare_cow)))
+        batch_free(b);
+    if (t->cow_cur)
+        batch_free(t->cow_cur);
+    if (t->ram)
+        munmap((void *)t->ram, t->cfg.length);
+    if (t->evfd >= 0)
+        close(t->evfd);
+    free(t->copiers), free(t->dirty), free((void *)t->st), free(t->owed), free(t);
+}

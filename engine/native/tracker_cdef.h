@@ -1,0 +1,46 @@
+/* The tracker's API as cffi sees it (a subset of tracker.h: no includes, no macros). */
+
+struct trk_config {
+    int uffd;               /* userfaultfd registered (WP mode) on the target's mapping; the
+                               tracker owns it: closing it drops the registration */
+    int ramfd;              /* the guest-RAM memfd / shm file, mapped read-only here */
+    uint64_t target_base;   /* address of the mapping in the target's address space */
+    uint64_t length;        /* bytes of guest RAM */
+    uint64_t offset;        /* file offset of the mapping */
+    uint32_t unit;          /* tracking unit: 4096, or 2 MiB for hugetlb memory */
+    int copiers;            /* copier threads */
+    uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages held by copiers */
+    int owe_all;            /* first arm owes every unit instead of SEEK_DATA's populated set */
+};
+
+struct trk_arm_stats {
+    uint64_t units_owed;    /* units owed to the checkpoint just armed */
+    uint64_t runs;          /* write-protect ioctls issued */
+    uint64_t faults;        /* write faults served since the previous arm */
+    uint64_t cow_copies;    /* of which copied by the fault thread (copy-on-write) */
+    uint64_t dirty_units;   /* units dirtied since the previous arm (== units_owed after the first) */
+    uint64_t arm_ns;        /* time spent inside trk_arm */
+};
+
+struct trk_stats {
+    uint64_t faults;
+    uint64_t cow_copies;
+    uint64_t copier_copies;
+    uint64_t copier_waits;       /* times a copier waited for buffer space */
+    uint64_t fault_hist[48];     /* fault service time histogram, bucket i = [2^i, 2^(i+1)) ns */
+};
+
+typedef struct trk trk_t;
+
+trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen);
+int trk_arm(trk_t *t, struct trk_arm_stats *st);
+int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t *zero,
+                int max_pages, int timeout_ms, int *done);
+void trk_get_stats(trk_t *t, struct trk_stats *st);
+void trk_reset_hist(trk_t *t);
+const uint8_t *trk_ram(trk_t *t);
+void trk_destroy(trk_t *t);
+
+/* Baselines for the benchmarks, sharing the tracker's own primitives. */
+int trk_wp_range(int uffd, uint64_t start, uint64_t len, int protect);
+void trk_hash_pages(const uint8_t *pages, int n, uint8_t *ids, uint8_t *zero);

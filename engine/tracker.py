@@ -1,0 +1,119 @@
+"""Python face of the native tracker: arm a checkpoint, collect its copied pages, read figures."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmckpt.engine._native import ffi, lib
+from vmckpt.engine.handoff import GuestRam
+
+PAGE = 4096
+ID_BYTES = 32
+
+
+class TrackerError(Exception):
+    """The native tracker failed; the message says where."""
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    units_owed: int
+    runs: int
+    faults: int
+    cow_copies: int
+    dirty_units: int
+    arm_ns: int
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Pages handed over by one collect(): views valid until the next collect()."""
+
+    pfns: np.ndarray   # uint64[n]
+    ids: np.ndarray    # uint8[n, 32], zero rows for all-zero pages
+    zero: np.ndarray   # bool[n]
+    pages: np.ndarray  # uint8[n, 4096], rows of zero pages are not filled
+
+
+class Tracker:
+    """Owns the guest RAM handoff: the uffd (closing it lets the VMM run on untracked)."""
+
+    def __init__(self, ram: GuestRam, *, copiers: int | None = None,
+                 buffer_bytes: int = 64 << 20, collect_pages: int = 2048) -> None:
+        unit = ram.page_size if ram.page_size > PAGE else PAGE
+        if ram.length % unit:
+            raise TrackerError(f"guest RAM of {ram.length} bytes is not a whole number of "
+                               f"{unit}-byte pages")
+        self.ram = ram
+        self.unit = unit
+        self.npages = ram.length // PAGE
+        self.copiers = copiers or os.cpu_count() or 1
+        cfg = ffi.new("struct trk_config *", {
+            "uffd": ram.uffd, "ramfd": ram.ramfd, "target_base": ram.addr,
+            "length": ram.length, "offset": ram.offset, "unit": unit,
+            "copiers": self.copiers, "buffer_bytes": buffer_bytes, "owe_all": 0,
+        })
+        err = ffi.new("char[256]")
+        self._t = lib.trk_create(cfg, err, len(err))
+        if self._t == ffi.NULL:
+            raise TrackerError(ffi.string(err).decode())
+        ram.uffd = -1  # the tracker closes it
+        cap = max(collect_pages, unit // PAGE)
+        self._pages = np.empty((cap, PAGE), np.uint8)
+        self._ids = np.empty((cap, ID_BYTES), np.uint8)
+        self._pfns = np.empty(cap, np.uint64)
+        self._zero = np.empty(cap, np.uint8)
+        self._c = [ffi.from_buffer(f"{t}[]", a) for t, a in (
+            ("uint8_t", self._pages), ("uint8_t", self._ids), ("uint64_t", self._pfns),
+            ("uint8_t", self._zero))]
+        self._done = ffi.new("int *")
+
+    def arm(self) -> ArmStats:
+        """Call with the target paused: owed <- dirty, write-protect it, dirty <- {}."""
+        st = ffi.new("struct trk_arm_stats *")
+        rc = lib.trk_arm(self._t, st)
+        if rc < 0:
+            raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
+        return ArmStats(st.units_owed, st.runs, st.faults, st.cow_copies, st.dirty_units,
+                        st.arm_ns)
+
+    def collect(self, timeout_ms: int = 200) -> Collected | None:
+        """Next copied pages of the checkpoint in flight; None once it is drained whole."""
+        while True:
+            n = lib.trk_collect(self._t, *self._c, len(self._pfns), timeout_ms, self._done)
+            if n < 0:
+                raise TrackerError(f"collect: {os.strerror(-n)}")
+            if n:
+                return Collected(self._pfns[:n], self._ids[:n], self._zero[:n].view(bool),
+                                 self._pages[:n])
+            if self._done[0]:
+                return None
+
+    def ram_view(self) -> memoryview:
+        """The engine's read-only view of guest RAM (tests take reference copies through it)."""
+        return memoryview(ffi.buffer(lib.trk_ram(self._t), self.ram.length))
+
+    def fault_stats(self) -> dict[str, int | list[int]]:
+        st = ffi.new("struct trk_stats *")
+        lib.trk_get_stats(self._t, st)
+        return {"faults": st.faults, "cow_copies": st.cow_copies,
+                "copier_copies": st.copier_copies, "copier_waits": st.copier_waits,
+                "fault_hist_ns_log2": list(st.fault_hist)}
+
+    def reset_fault_hist(self) -> None:
+        lib.trk_reset_hist(self._t)
+
+    def close(self) -> None:
+        if self._t is not None:
+            lib.trk_destroy(self._t)
+            self._t = None
+        self.ram.close()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
