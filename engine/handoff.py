@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import struct
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.handoff import GuestRam
 

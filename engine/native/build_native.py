@@ -1,4 +1,4 @@
-"""cffi (API mode) build of vmckpt.engine._native: the tracker's fault service, copiers and hashing."""
+"""cffi (API mode) build of vmckpt.engine._native: fault service, copiers, hashing."""
 
 from pathlib import Path
 

@@ -1,0 +1,142 @@
+"""The `vmckpt` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import uvloop
+from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.handoff import preload_path
+from vmckpt.engine.session import AttachError, run_program
+from vmckpt.engine.tracker import TrackerError
+from vmckpt.storage import StoreError, open_store, restore_image
+
+DEFAULT_STORE = "vmckpt-store"
+
+
+def _duration(text: str) -> float:
+    text = text.strip()
+    for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+
+
+store_option = click.option(
+    "--store", "store_path", type=click.Path(path_type=Path),
+    default=lambda: os.environ.get("VMCKPT_STORE", DEFAULT_STORE), show_default=DEFAULT_STORE,
+    help="Checkpoint store directory (default: $VMCKPT_STORE, then ./vmckpt-store).")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"vmckpt: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Say more.")
+def main(verbose: bool) -> None:
+    """Continuous copy-on-write checkpoints of running VMs (and any program's shared RAM)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="vmckpt: %(message)s")
+
+
+@main.command()
+@store_option
+@click.option("--interval", default="1s", show_default=True, help="Time between checkpoints.")
+@click.option("--copiers", type=int, default=None, help="Copier threads (default: cores).")
+@click.option("--buffer", "buffer_size", default="64M", show_default=True,
+              help="Bound on copied pages waiting for the store.")
+@click.option("--min-ram", default="32M", show_default=True,
+              help="Smallest shared mapping taken for guest RAM.")
+@click.option("--attach-timeout", default="30s", show_default=True,
+              help="How long the program may take to map its guest RAM.")
+@click.option("--max-checkpoints", type=int, default=None, help="Stop after this many.")
+@click.option("--detach-on-exit", is_flag=True,
+              help="On Ctrl-C, leave the program running untracked instead of stopping it.")
+@click.argument("argv", nargs=-1, required=True)
+def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str, min_ram: str,
+        attach_timeout: str, max_checkpoints: int | None, detach_on_exit: bool,
+        argv: tuple[str, ...]) -> None:
+    """Start PROGRAM ARGS... and checkpoint its guest RAM until it exits or Ctrl-C."""
+    options = EngineOptions(interval=_duration(interval),
+                            copiers=copiers or os.cpu_count() or 1,
+                            buffer_bytes=_size(buffer_size))
+    try:
+        with open_store(store_path, create=True) as store:
+            status = uvloop.run(run_program(
+                argv, store, options, attach_timeout=_duration(attach_timeout),
+                min_ram=_size(min_ram), detach_on_exit=detach_on_exit,
+                max_checkpoints=max_checkpoints))
+    except (StoreError, AttachError, TrackerError) as e:
+        _fail(str(e))
+    except FileNotFoundError as e:
+        _fail(f"cannot start {argv[0]}: {e.strerror}")
+    sys.exit(status if status >= 0 else 128 - status)
+
+
+@main.command()
+@store_option
+@click.option("--image", type=click.Path(path_type=Path), required=True,
+              help="File to write the RAM image to (sparse: zero pages stay holes).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Parallel readers.")
+@click.argument("ckpt")
+def restore(store_path: Path, image: Path, workers: int, ckpt: str) -> None:
+    """Materialise the RAM of checkpoint CKPT (an id, or 'latest') into a file, bit-exact."""
+    try:
+        with open_store(store_path, readonly=True) as store:
+            stats = restore_image(store, ckpt if ckpt == "latest" else int(ckpt), image,
+                                  workers=workers)
+    except StoreError as e:
+        _fail(str(e))
+    except ValueError:
+        _fail(f"checkpoint id must be a number or 'latest', not {ckpt!r}")
+    click.echo(f"restored {stats.pages} pages ({stats.unique_pages} distinct, "
+               f"{stats.bytes / 2**20:.1f} MiB) into {image} in {stats.seconds:.2f} s")
+
+
+COLUMNS = [("id", "id", "{}"), ("parent", "parent", "{}"),
+           ("ram_size", "RAM MiB", "{:.0f}"), ("pages_dirtied", "dirtied", "{}"),
+           ("pages_stored_new", "new", "{}"), ("dedup_hits", "dedup", "{}"),
+           ("zero_pages", "zero", "{}"), ("bytes_added", "added MiB", "{:.2f}"),
+           ("pause", "pause ms", "{:.2f}"), ("drain_time", "drain ms", "{:.0f}")]
+SCALE = {"ram_size": 2**-20, "bytes_added": 2**-20, "pause": 1e3, "drain_time": 1e3}
+
+
+@main.command("ls")
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of the full records.")
+def ls(store_path: Path, as_json: bool) -> None:
+    """List the checkpoints with their figures."""
+    try:
+        with open_store(store_path, readonly=True) as store:
+            records = store.list_checkpoints()
+    except StoreError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(records, indent=1, default=str))
+        return
+    rows = [[h for _, h, _ in COLUMNS]]
+    for r in records:
+        rows.append(["-" if r.get(k) is None else f.format(r[k] * SCALE.get(k, 1))
+                     for k, _, f in COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        click.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+@main.command("preload-path")
+def preload_path_cmd() -> None:
+    """Print the preload library's path (for LD_PRELOAD)."""
+    click.echo(preload_path())

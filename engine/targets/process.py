@@ -1,0 +1,69 @@
+"""A plain process as a target: SIGSTOP/SIGCONT, no state beyond its memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from vmckpt.engine.targets.base import TargetGone
+
+
+def _all_stopped(pid: int) -> bool:
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            state = stat.read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just exited
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True
+
+
+class ProcessTarget:
+    """SIGSTOP is asynchronous: pause() waits until every thread of the process has stopped.
+
+    A keeper process (a shell blocked on a pipe from us) sends SIGCONT if the engine dies, so a
+    crash of the engine inside the pause never leaves the guest stopped.
+    """
+
+    kind = "process"
+
+    def __init__(self, pid: int, name: str | None = None, stop_timeout: float = 5.0) -> None:
+        self.pid = pid
+        self.name = name or Path(f"/proc/{pid}/comm").read_text().strip()
+        self.stop_timeout = stop_timeout
+        self._keeper = subprocess.Popen(
+            ["sh", "-c", 'trap "" INT TERM HUP; read _; kill -CONT "$0" 2>/dev/null', str(pid)],
+            stdin=subprocess.PIPE, start_new_session=True,
+        )
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            raise TargetGone(f"process {self.pid} exited") from None
+
+    async def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + self.stop_timeout
+        # Busy-wait: a stop takes tens of microseconds and every one of them is pause time.
+        while not _all_stopped(self.pid):
+            if not Path(f"/proc/{self.pid}").exists():
+                raise TargetGone(f"process {self.pid} exited")
+            if time.monotonic() > deadline:
+                self._signal(signal.SIGCONT)
+                raise TimeoutError(f"process {self.pid} did not stop in {self.stop_timeout} s")
+
+    async def extra_state(self) -> bytes | None:
+        return None
+
+    async def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self._keeper.stdin:
+            self._keeper.stdin.close()  # the keeper sends a harmless SIGCONT and exits
+        self._keeper.wait()

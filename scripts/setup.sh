@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sets up everything vmckpt needs on a fresh Debian machine, as root: system packages, then a
+# virtualenv in .venv with vmckpt installed editable (its C core is built by the install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in gcc libc6-dev libssl-dev python3 python3-venv python3-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q -U pip
+.venv/bin/pip install -q -e '.[test]'
+.venv/bin/vmckpt --help >/dev/null
+echo "vmckpt is set up: .venv/bin/vmckpt"

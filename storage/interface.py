@@ -1,0 +1,53 @@
+"""The store's contract: what the engine and the CLI use, and a distributed backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from vmckpt.storage.pagemap import MapDelta, PageMap
+
+
+@dataclass
+class PutResult:
+    new: int    # pages written
+    dup: int    # pages the store already had (dedup hits)
+    bytes: int  # bytes written
+
+
+class PageStore(ABC):
+    page_size = 4096
+
+    @abstractmethod
+    def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
+        """Stores the pages it does not have yet (ids uint8[n,32], pages uint8[n,4096])."""
+
+    @abstractmethod
+    def has_pages(self, ids: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def get_pages(self, ids: Sequence[bytes]) -> list[bytes]: ...
+
+    @abstractmethod
+    def commit_checkpoint(self, record: dict, delta: MapDelta) -> int:
+        """Makes a checkpoint visible, atomically, after its pages; returns its id."""
+
+    @abstractmethod
+    def list_checkpoints(self) -> list[dict]: ...
+
+    @abstractmethod
+    def get_record(self, ckpt: int | str) -> dict: ...
+
+    @abstractmethod
+    def read_map(self, ckpt: int | str) -> PageMap: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> PageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

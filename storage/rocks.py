@@ -1,0 +1,185 @@
+"""The embedded store: RocksDB (rocksdict) with pages, records and maps in column families."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import numpy as np
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    DBCompressionType,
+    Options,
+    Rdict,
+    WriteBatch,
+    WriteOptions,
+)
+from vmckpt.storage.errors import (
+    FormatMismatch,
+    MissingPage,
+    NotAStore,
+    StoreError,
+    StoreLocked,
+    UnknownCheckpoint,
+)
+from vmckpt.storage.interface import PageStore, PutResult
+from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap
+
+FORMAT = {"name": "vmckpt-store", "version": 1, "page_size": 4096, "hash": "sha256"}
+CFS = ("pages", "records", "maps")
+
+
+def _key(ckpt: int) -> bytes:
+    return ckpt.to_bytes(8, "big")
+
+
+def _options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    opts.set_write_buffer_size(128 << 20)
+    opts.set_max_write_buffer_number(4)
+    opts.increase_parallelism(2)
+    opts.set_compression_type(DBCompressionType.lz4())
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)  # absent-page checks stay off the disk
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+class RocksStore(PageStore):
+    def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False,
+                 full_every: int = 16) -> None:
+        self.path = Path(path)
+        fresh = not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+        if self.path.exists() and not self.path.is_dir():
+            raise NotAStore(f"{self.path} is a file, not a vmckpt store")
+        if fresh and (readonly or not create):
+            raise NotAStore(f"no vmckpt store at {self.path}")
+        if not fresh and not (self.path / "CURRENT").exists():
+            raise NotAStore(f"{self.path} is not a vmckpt store (and not empty)")
+        opts = _options()
+        try:
+            self.db = Rdict(str(self.path), opts, column_families={c: _options() for c in CFS},
+                            access_type=AccessType.read_only() if readonly else
+                            AccessType.read_write())
+        except Exception as e:
+            if "lock" in str(e).lower():
+                raise StoreLocked(f"store {self.path} is locked by another process "
+                                  "(a running engine?)") from None
+            raise StoreError(f"cannot open store {self.path}: {e}") from None
+        self.cf = {c: self.db.get_column_family(c) for c in CFS}
+        self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
+        meta = self.db.get(b"format")
+        if meta is None:
+            if not fresh:
+                self.db.close()
+                raise NotAStore(f"{self.path} is a RocksDB database but not a vmckpt store")
+            self.db[b"format"] = msgpack.packb({**FORMAT, "full_every": full_every})
+            meta = self.db.get(b"format")
+        fmt = msgpack.unpackb(meta)
+        if fmt.get("name") != FORMAT["name"] or fmt.get("version") != FORMAT["version"]:
+            self.db.close()
+            raise FormatMismatch(f"{self.path} is a store of format {fmt.get('name')} "
+                                 f"v{fmt.get('version')}; this vmckpt reads v{FORMAT['version']}")
+        self.full_every = int(fmt["full_every"])
+        self._lock = threading.Lock()
+        self._known: set[bytes] = set(self.cf["pages"].keys())
+        self._last = max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
+                         default=0)
+        self._sync = WriteOptions()
+        self._sync.sync = True
+
+    def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
+        raw_ids = np.ascontiguousarray(ids).tobytes()
+        raw = memoryview(np.ascontiguousarray(pages)).cast("B")
+        size = self.page_size
+        batch = WriteBatch(raw_mode=True)
+        batch.set_default_column_family(self.cfh["pages"])
+        new = dup = 0
+        with self._lock:
+            known = self._known
+            for i in range(len(raw_ids) // ID_BYTES):
+                pid = raw_ids[i * ID_BYTES:(i + 1) * ID_BYTES]
+                if pid in known:
+                    dup += 1
+                    continue
+                known.add(pid)
+                batch.put(pid, raw[i * size:(i + 1) * size].tobytes())
+                new += 1
+            if new:
+                # WAL on, unsynced: the commit's synced write makes these durable too.
+                self.db.write(batch)
+        return PutResult(new, dup, new * size)
+
+    def has_pages(self, ids: np.ndarray) -> np.ndarray:
+        raw = np.ascontiguousarray(ids).tobytes()
+        return np.array([raw[i:i + ID_BYTES] in self._known
+                         for i in range(0, len(raw), ID_BYTES)], bool)
+
+    def get_pages(self, ids: Sequence[bytes]) -> list[bytes]:
+        got = self.cf["pages"].get(list(ids))
+        for pid, page in zip(ids, got, strict=True):
+            if page is None:
+                raise MissingPage(f"page {pid.hex()} is missing from {self.path}")
+        return got
+
+    def _resolve(self, ckpt: int | str) -> int:
+        if ckpt == "latest":
+            if not self._last:
+                raise UnknownCheckpoint(f"store {self.path} holds no checkpoint")
+            return self._last
+        if not isinstance(ckpt, int) or self.cf["records"].get(_key(ckpt)) is None:
+            raise UnknownCheckpoint(f"no checkpoint {ckpt} in {self.path}")
+        return ckpt
+
+    def get_record(self, ckpt: int | str) -> dict:
+        return msgpack.unpackb(self.cf["records"][_key(self._resolve(ckpt))])
+
+    def list_checkpoints(self) -> list[dict]:
+        return [msgpack.unpackb(v) for v in self.cf["records"].values()]
+
+    def read_map(self, ckpt: int | str) -> PageMap:
+        chain: list[MapDelta] = []
+        rec = self.get_record(ckpt)
+        while True:
+            kind, delta = MapDelta.decode(self.cf["maps"][_key(rec["id"])])
+            chain.append(delta)
+            if kind == "full":
+                break
+            rec = self.get_record(rec["parent"])
+        pmap = PageMap.empty(rec["ram_size"] // self.page_size)
+        for delta in reversed(chain):
+            pmap.apply(delta)
+        return pmap
+
+    def commit_checkpoint(self, record: dict, delta: MapDelta) -> int:
+        parent = record.get("parent")
+        depth = 0
+        if parent is not None:
+            depth = self.get_record(parent)["map"]["depth"] + 1
+        if parent is None or depth >= self.full_every:
+            full = self.read_map(parent) if parent is not None else \
+                PageMap.empty(record["ram_size"] // self.page_size)
+            full.apply(delta)
+            kind, depth, blob = "full", 0, full.sparse().encode("full")
+        else:
+            kind, blob = "delta", delta.encode("delta")
+        with self._lock:
+            ckpt = self._last + 1
+            record = {**record, "id": ckpt,
+                      "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
+            batch = WriteBatch(raw_mode=True)
+            batch.put(_key(ckpt), blob, self.cfh["maps"])
+            batch.put(_key(ckpt), msgpack.packb(record), self.cfh["records"])
+            self.db.write(batch, self._sync)  # the one atomic write that makes it visible
+            self._last = ckpt
+        return ckpt
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None

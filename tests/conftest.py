@@ -1,0 +1,58 @@
+"""Shared fixtures: a store in tmp_path, and running programs under the engine in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from vmckpt.engine.cycle import Engine, EngineOptions
+from vmckpt.engine.session import run_program
+from vmckpt.storage import open_store
+
+SYNTH = [sys.executable, "-m", "vmckpt.engine.synthguest"]
+
+
+def synth(*args: str) -> list[str]:
+    return [*SYNTH, *args]
+
+
+def run_with_references(store_path: Path, argv: Sequence[str], checkpoints: int,
+                        options: EngineOptions | None = None) -> list[bytes]:
+    """Runs argv under the engine; returns guest RAM copied at each pause (test-only hook)."""
+    refs: list[bytes] = []
+
+    def hook(engine: Engine) -> None:
+        engine.on_paused = lambda e: refs.append(bytes(e.tracker.ram_view()))
+
+    async def go() -> int:
+        with open_store(store_path, create=True) as store:
+            return await run_program(argv, store, options or EngineOptions(interval=0.05),
+                                     max_checkpoints=checkpoints, on_engine=hook,
+                                     min_ram=4 << 20)
+
+    asyncio.run(go())
+    return refs
+
+
+@pytest.fixture
+def hugepages():
+    """Reserves 2 MiB huge pages for a test (as root), and gives them back afterwards."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    old = int(path.read_text())
+    try:
+        path.write_text(str(old + 160))
+    except OSError as e:
+        pytest.skip(f"cannot reserve huge pages: {e}")
+    if int(path.read_text()) < old + 64:
+        path.write_text(str(old))
+        pytest.skip("the kernel reserved too few huge pages")
+    yield
+    path.write_text(str(old))
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0

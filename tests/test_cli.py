@@ -1,0 +1,73 @@
+"""The `vmckpt` command end to end: run, ls, restore, and its refusals (target 5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import synth
+
+VMCKPT = [str(Path(sys.executable).with_name("vmckpt"))]
+
+
+def vmckpt(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VMCKPT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_ls_restore(tmp_path):
+    store = tmp_path / "store"
+    r = vmckpt("run", "--store", str(store), "--interval", "0.2s", "--max-checkpoints", "4",
+               "--min-ram", "4M", "--", *synth("--size", "16M", "--rate", "5000"))
+    assert r.returncode in (0, -15, 143), r.stderr
+    listed = json.loads(vmckpt("ls", "--store", str(store), "--json").stdout)
+    assert [c["id"] for c in listed] == [1, 2, 3, 4]
+    table = vmckpt("ls", "--store", str(store)).stdout.splitlines()
+    assert table[0].split()[:2] == ["id", "parent"] and len(table) == 5
+    r = vmckpt("restore", "--store", str(store), "--image", str(tmp_path / "img"), "latest")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "img").stat().st_size == 16 << 20
+    assert "vmckpt-preload" not in r.stderr
+
+
+def test_run_refuses_program_without_shared_ram(tmp_path):
+    r = vmckpt("run", "--store", str(tmp_path / "store"), "--attach-timeout", "2s", "--",
+               "sleep", "30")
+    assert r.returncode == 2
+    assert "mapped no shared guest RAM within 2 s" in r.stderr
+    assert "memory-backend-memfd" in r.stderr
+
+
+def test_run_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = vmckpt("run", "--store", str(tmp_path), "--", "true")
+    assert r.returncode == 2 and "not a vmckpt store" in r.stderr.lower()
+
+
+def test_run_refuses_a_locked_store(tmp_path):
+    store = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vmckpt.storage import open_store; "
+         "s = open_store(sys.argv[1], create=True); print('held', flush=True); time.sleep(60)",
+         str(store)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout and holder.stdout.readline() == b"held\n"
+        r = vmckpt("run", "--store", str(store), "--", "true")
+        assert r.returncode == 2 and "locked" in r.stderr.lower()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_restore_unknown_checkpoint(tmp_path):
+    store = tmp_path / "store"
+    vmckpt("run", "--store", str(store), "--max-checkpoints", "1", "--min-ram", "4M", "--",
+           *synth("--size", "8M"))
+    r = vmckpt("restore", "--store", str(store), "--image", str(tmp_path / "i"), "99")
+    assert r.returncode == 2 and "99" in r.stderr
+
+
+def test_preload_path():
+    r = vmckpt("preload-path")
+    assert r.returncode == 0 and Path(r.stdout.strip()).is_file()
