@@ -79,6 +79,7 @@ class Engine:
             "extra_state_bytes": len(extra) if extra else 0,
         }
         ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
+        record["id"] = ckpt
         record["commit_time"] = time.perf_counter() - t5
         self.parent = ckpt
         self.records.append(record)

@@ -309,7 +309,8 @@ static uint64_t populated_units(struct trk *t)
     off_t base = (off_t)t->cfg.offset, end = base + (off_t)t->cfg.length, pos = base;
     uint64_t n = 0;
 
-    if (t->cfg.owe_all || lseek(t->cfg.ramfd, base, SEEK_DATA) < 0) {
+    /* ENXIO just means no data at all; other errors mean SEEK_DATA is not supported. */
+    if (t->cfg.owe_all || (lseek(t->cfg.ramfd, base, SEEK_DATA) < 0 && errno != ENXIO)) {
         for (uint64_t u = 0; u < t->nunits; u++)
             t->owed[n++] = u;
         return n;
