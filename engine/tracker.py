@@ -59,6 +59,7 @@ class Tracker:
         self._t = lib.trk_create(cfg, err, len(err))
         if self._t == ffi.NULL:
             raise TrackerError(ffi.string(err).decode())
+        self.uffd = ram.uffd  # for baselines measured on the same registration
         ram.uffd = -1  # the tracker closes it
         cap = max(collect_pages, unit // PAGE)
         self._pages = np.empty((cap, PAGE), np.uint8)
