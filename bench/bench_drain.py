@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import synth
 from rocksdict import Rdict, WriteBatch
 from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import launch
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets import ProcessTarget
 from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import open_store

@@ -18,10 +18,10 @@ from asyncio.subprocess import PIPE
 
 import numpy as np
 import pytest
-from conftest import synth
-from vmckpt.engine._native import lib
+from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import launch
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets import ProcessTarget
 from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import open_store
@@ -42,6 +42,8 @@ def test_pause_vs_bare(benchmark, tmp_path, size):
     dirty = min(DIRTY, npages // 2)
     pfns = np.sort(np.random.default_rng(1).choice(npages, dirty, replace=False))
     pause, bare = [], []
+    units = ffi.from_buffer("uint64_t[]", pfns.astype(np.uint64))
+    nruns = ffi.new("uint64_t *")
 
     async def setup():
         proc, ram, listener = await launch(
@@ -66,12 +68,9 @@ def test_pause_vs_bare(benchmark, tmp_path, size):
 
     async def bare_pause() -> float:
         # Runs of consecutive pfns, as the tracker coalesces them.
-        runs = np.split(pfns, np.flatnonzero(np.diff(pfns) != 1) + 1)
         t0 = time.perf_counter()
         await target.pause()
-        for run in runs:
-            lib.trk_wp_range(tracker.uffd, tracker.ram.addr + int(run[0]) * 4096,
-                             len(run) * 4096, 1)
+        lib.trk_wp_units(tracker.uffd, tracker.ram.addr, units, len(pfns), 4096, nruns)
         await target.resume()
         return time.perf_counter() - t0
 

@@ -22,6 +22,11 @@ POPULAR = 16
 HUGE = 2 << 20
 
 
+def command(*args: str) -> list[str]:
+    """The command line that runs the synthetic guest with args."""
+    return [sys.executable, "-m", "vmckpt.engine.synthguest", *args]
+
+
 def seed_page(seed: int) -> bytes:
     """Deterministic page content for a seed (tests predict it)."""
     return np.random.default_rng(seed).integers(0, 256, PAGE, np.uint8).tobytes()

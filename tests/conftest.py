@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,12 +11,6 @@ import pytest
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import run_program
 from vmckpt.storage import open_store
-
-SYNTH = [sys.executable, "-m", "vmckpt.engine.synthguest"]
-
-
-def synth(*args: str) -> list[str]:
-    return [*SYNTH, *args]
 
 
 def run_with_references(store_path: Path, argv: Sequence[str], checkpoints: int,

@@ -331,16 +331,15 @@ static uint64_t populated_units(struct trk *t)
     return n;
 }
 
-/* Write-protects owed[] as coalesced runs: one ioctl per run. */
-static int protect_owed(struct trk *t, uint64_t *runs)
+int trk_wp_units(int uffd, uint64_t base, const uint64_t *units, uint64_t n, uint32_t unit,
+                 uint64_t *runs)
 {
     uint64_t i = 0;
-    while (i < t->owed_n) {
+    while (i < n) {
         uint64_t j = i + 1;
-        while (j < t->owed_n && t->owed[j] == t->owed[j - 1] + 1)
+        while (j < n && units[j] == units[j - 1] + 1)
             j++;
-        int rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base + t->owed[i] * t->cfg.unit,
-                              (j - i) * t->cfg.unit, 1);
+        int rc = trk_wp_range(uffd, base + units[i] * unit, (j - i) * unit, 1);
         if (rc < 0)
             return rc;
         (*runs)++;
@@ -387,7 +386,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
             }
         }
         t->owed_n = n;
-        rc = protect_owed(t, &st->runs);
+        rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit, &st->runs);
     }
     st->dirty_units = t->dirty_units;
     t->dirty_units = 0;
