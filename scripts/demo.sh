@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: sets up everything, runs the synthetic guest under `vmckpt run` with a 1 s
-# interval for 10 checkpoints, restores the middle one and checks it, then lists the store.
+# interval for 10 checkpoints, restores the middle one into a sparse image, lists the store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
