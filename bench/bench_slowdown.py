@@ -1,0 +1,45 @@
+"""Guest slowdown: the synthetic guest's own write throughput with checkpointing off and on.
+
+Same guest, same seed, same duration, in one run: off, then on at 1 s and 0.25 s intervals.
+slowdown = 1 - on / off.
+
+    .venv/bin/pytest bench/bench_slowdown.py --benchmark-only -s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+
+import pytest
+from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.session import run_program
+from vmckpt.engine.synthguest import command as synth
+from vmckpt.storage import open_store
+
+GUEST = ("--size", "256M", "--fill", "0.5", "--rate", "0", "--partial", "0.3", "--dup", "0.1",
+         "--zero", "0.1", "--seed", "1", "--duration", "8")
+
+
+def pages_per_s(out: str) -> float:
+    return json.loads(out.strip().splitlines()[-1])["pages_per_s"]
+
+
+@pytest.mark.parametrize("interval", [1.0, 0.25])
+def test_slowdown(benchmark, tmp_path, interval, capfd):
+    off = pages_per_s(subprocess.run(synth(*GUEST), capture_output=True, text=True,
+                                     check=True).stdout)
+
+    async def on() -> None:
+        with open_store(tmp_path / "store", create=True) as store:
+            await run_program(synth(*GUEST), store, EngineOptions(interval=interval),
+                              min_ram=4 << 20)
+
+    capfd.readouterr()
+    benchmark.pedantic(lambda: asyncio.run(on()), rounds=1, iterations=1)
+    on_rate = pages_per_s(capfd.readouterr().out)
+    benchmark.extra_info.update({"interval_s": interval, "off_pages_per_s": off,
+                                 "on_pages_per_s": on_rate, "slowdown": 1 - on_rate / off})
+    print(f"\ninterval {interval} s: off {off:.0f} pages/s, on {on_rate:.0f} pages/s, "
+          f"slowdown {1 - on_rate / off:.1%}")
