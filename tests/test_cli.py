@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import synth
+from vmckpt.engine.synthguest import command as synth
 
 VMCKPT = [str(Path(sys.executable).with_name("vmckpt"))]
 

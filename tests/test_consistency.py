@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import run_with_references, synth
+from conftest import run_with_references
 from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 

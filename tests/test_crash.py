@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import synth
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 HERE = Path(__file__).parent

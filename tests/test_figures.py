@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from asyncio.subprocess import PIPE
 
-from conftest import synth
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import launch
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets import ProcessTarget
 from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import open_store
