@@ -66,6 +66,7 @@ class Engine:
         drained = await asyncio.to_thread(self._drain)
         delta = drained.pop("delta")
         t5 = time.perf_counter()
+        p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
         record = {
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
             "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name},
@@ -74,6 +75,7 @@ class Engine:
             "pause": t4 - t0,
             "pause_parts": {"stop": t1 - t0, "arm": t2 - t1, "extra": t3 - t2, "resume": t4 - t3},
             "wp_runs": arm.runs, "faults": arm.faults, "cow_copies": arm.cow_copies,
+            "fault_service_p50": p50, "fault_service_p99": p99,
             "drain_time": t5 - t4, "interval_stretched": stretched,
             "strategy": asdict(self.options),
             "extra_state_bytes": len(extra) if extra else 0,

@@ -103,8 +103,24 @@ class Tracker:
                 "copier_copies": st.copier_copies, "copier_waits": st.copier_waits,
                 "fault_hist_ns_log2": list(st.fault_hist)}
 
-    def reset_fault_hist(self) -> None:
+    def take_fault_percentiles(self, *qs: float) -> list[float | None]:
+        """Fault service time percentiles (seconds, log2-bucket upper bounds) since the last
+        call, then starts a new histogram; None where there was no fault."""
+        st = ffi.new("struct trk_stats *")
+        lib.trk_get_stats(self._t, st)
         lib.trk_reset_hist(self._t)
+        hist = list(st.fault_hist)
+        total = sum(hist)
+        out: list[float | None] = []
+        for q in qs:
+            seen, bound = 0, None
+            for i, n in enumerate(hist):
+                seen += n
+                if total and seen >= q * total:
+                    bound = 2.0 ** (i + 1) * 1e-9
+                    break
+            out.append(bound)
+        return out
 
     def close(self) -> None:
         if self._t is not None:
