@@ -96,13 +96,6 @@ class Tracker:
         """The engine's read-only view of guest RAM (tests take reference copies through it)."""
         return memoryview(ffi.buffer(lib.trk_ram(self._t), self.ram.length))
 
-    def fault_stats(self) -> dict[str, int | list[int]]:
-        st = ffi.new("struct trk_stats *")
-        lib.trk_get_stats(self._t, st)
-        return {"faults": st.faults, "cow_copies": st.cow_copies,
-                "copier_copies": st.copier_copies, "copier_waits": st.copier_waits,
-                "fault_hist_ns_log2": list(st.fault_hist)}
-
     def take_fault_percentiles(self, *qs: float) -> list[float | None]:
         """Fault service time percentiles (seconds, log2-bucket upper bounds) since the last
         call, then starts a new histogram; None where there was no fault."""
