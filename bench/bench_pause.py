@@ -20,10 +20,8 @@ import numpy as np
 import pytest
 from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.cycle import Engine, EngineOptions
-from vmckpt.engine.session import launch
+from vmckpt.engine.session import TrackedProgram
 from vmckpt.engine.synthguest import command as synth
-from vmckpt.engine.targets import ProcessTarget
-from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import open_store
 
 DIRTY = 26214  # 10 % of 1 GiB in 4 KiB pages
@@ -46,18 +44,17 @@ def test_pause_vs_bare(benchmark, tmp_path, size):
     nruns = ffi.new("uint64_t *")
 
     async def setup():
-        proc, ram, listener = await launch(
+        prog = await TrackedProgram.start(
             synth("--size", size, "--fill", "0.2", "--control"), tmp_path / "s.sock",
             min_ram=4 << 20, stdin=PIPE, stdout=PIPE)
-        await proc.stdout.readline()
+        await prog.proc.stdout.readline()
         store = open_store(tmp_path / "store", create=True)
-        target = ProcessTarget(proc.pid)
-        tracker = Tracker(ram)
-        engine = Engine(target, tracker, store, EngineOptions())
+        engine = Engine(prog.target, prog.tracker, store, EngineOptions())
         await engine.checkpoint()
-        return proc, listener, store, target, tracker, engine
+        return prog, store, engine
 
-    proc, listener, store, target, tracker, engine = loop.run_until_complete(setup())
+    prog, store, engine = loop.run_until_complete(setup())
+    proc, target, tracker = prog.proc, prog.target, prog.tracker
 
     async def dirty_pages():
         # A partial write to each page of the same set, every round, in one pipe write.
@@ -85,11 +82,7 @@ def test_pause_vs_bare(benchmark, tmp_path, size):
     try:
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
-        tracker.close()
-        target.close()
-        listener.close()
-        proc.kill()
-        loop.run_until_complete(proc.wait())
+        loop.run_until_complete(prog.close())
         store.close()
         loop.close()
     med_p, med_b = statistics.median(pause), statistics.median(bare)

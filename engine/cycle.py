@@ -55,6 +55,7 @@ class Engine:
         t1 = time.perf_counter()
         try:
             arm = self.tracker.arm()
+            at_arm = self.tracker.counters()
             t2 = time.perf_counter()
             if self.on_paused:
                 self.on_paused(self)
@@ -66,6 +67,7 @@ class Engine:
         drained = await asyncio.to_thread(self._drain)
         delta = drained.pop("delta")
         t5 = time.perf_counter()
+        copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
         p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
         record = {
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
@@ -74,7 +76,8 @@ class Engine:
             **drained,
             "pause": t4 - t0,
             "pause_parts": {"stop": t1 - t0, "arm": t2 - t1, "extra": t3 - t2, "resume": t4 - t3},
-            "wp_runs": arm.runs, "faults": arm.faults, "cow_copies": arm.cow_copies,
+            "wp_runs": arm.runs, "faults": arm.faults, "cow_copies": copies.cow_copies,
+            "copier_copies": copies.copier_copies, "copier_waits": copies.copier_waits,
             "fault_service_p50": p50, "fault_service_p99": p99,
             "drain_time": t5 - t4, "interval_stretched": stretched,
             "strategy": asdict(self.options),
@@ -92,10 +95,8 @@ class Engine:
         pfns, ids = [], []
         new = dup = nbytes = zero = 0
         while (got := self.tracker.collect()) is not None:
-            nz = ~got.zero
-            if nz.any():
-                res = self.store.put_pages(got.ids[nz], got.pages[nz])
-                new, dup, nbytes = new + res.new, dup + res.dup, nbytes + res.bytes
+            res = self.store.put_pages(got.ids, got.pages)
+            new, dup, nbytes = new + res.new, dup + res.dup, nbytes + res.bytes
             zero += int(got.zero.sum())
             pfns.append(got.pfns.copy())
             ids.append(got.ids.copy())

@@ -9,6 +9,7 @@ import os
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmckpt.engine.cycle import Engine, EngineOptions
@@ -80,6 +81,46 @@ async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.
     return proc, ram, listener
 
 
+@dataclass
+class TrackedProgram:
+    """A program started with the preload library, its guest RAM under a tracker."""
+
+    proc: asyncio.subprocess.Process
+    target: ProcessTarget
+    tracker: Tracker
+    listener: HandoffListener
+
+    @classmethod
+    async def start(cls, argv: Sequence[str], sock: Path, *, copiers: int | None = None,
+                    buffer_bytes: int = 64 << 20, attach_timeout: float = 30.0,
+                    min_ram: int = 32 << 20, stdin: int | None = None,
+                    stdout: int | None = None) -> TrackedProgram:
+        proc, ram, listener = await launch(argv, sock, attach_timeout=attach_timeout,
+                                           min_ram=min_ram, stdin=stdin, stdout=stdout)
+        tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes)
+        return cls(proc, ProcessTarget(proc.pid, name=Path(argv[0]).name), tracker, listener)
+
+    def untrack(self) -> None:
+        """Hands the program back: it runs on untracked."""
+        self.tracker.close()
+        self.target.close()
+        self.listener.close()
+
+    async def close(self) -> None:
+        """Untracks and kills the program (tests and benchmarks)."""
+        self.untrack()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        await self.proc.wait()
+
+    async def __aenter__(self) -> TrackedProgram:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
 async def run_program(argv: Sequence[str], store: PageStore, options: EngineOptions, *,
                       attach_timeout: float = 30.0, min_ram: int = 32 << 20,
                       detach_on_exit: bool = False, max_checkpoints: int | None = None,
@@ -88,12 +129,13 @@ async def run_program(argv: Sequence[str], store: PageStore, options: EngineOpti
     """Runs argv under checkpointing; returns the program's exit status (0 if left running)."""
     stop = stop or asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
-        proc, ram, listener = await launch(argv, Path(tmp) / "engine.sock",
-                                           attach_timeout=attach_timeout, min_ram=min_ram)
-        refuse = asyncio.ensure_future(listener.refuse_more("vmckpt tracks one RAM region"))
-        target = ProcessTarget(proc.pid, name=Path(argv[0]).name)
-        tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes)
-        engine = Engine(target, tracker, store, options)
+        prog = await TrackedProgram.start(argv, Path(tmp) / "engine.sock",
+                                          copiers=options.copiers,
+                                          buffer_bytes=options.buffer_bytes,
+                                          attach_timeout=attach_timeout, min_ram=min_ram)
+        proc = prog.proc
+        refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
+        engine = Engine(prog.target, prog.tracker, store, options)
         if on_engine:
             on_engine(engine)
         exited = asyncio.ensure_future(proc.wait())
@@ -109,9 +151,7 @@ async def run_program(argv: Sequence[str], store: PageStore, options: EngineOpti
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             refuse.cancel()
-            tracker.close()  # the program runs on untracked from here
-            target.close()
-            listener.close()
+            prog.untrack()  # the program runs on untracked from here
         if detach_on_exit and not exited.done():
             exited.cancel()
             return 0

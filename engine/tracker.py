@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 from vmckpt.engine._native import ffi, lib
@@ -22,9 +22,21 @@ class ArmStats:
     units_owed: int
     runs: int
     faults: int
-    cow_copies: int
     dirty_units: int
     arm_ns: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Running totals since the tracker started; differences give one checkpoint's share."""
+
+    faults: int
+    cow_copies: int     # owed units the fault thread copied before letting a write through
+    copier_copies: int
+    copier_waits: int   # times a copier waited for buffer space
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,7 @@ class Tracker:
         rc = lib.trk_arm(self._t, st)
         if rc < 0:
             raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
-        return ArmStats(st.units_owed, st.runs, st.faults, st.cow_copies, st.dirty_units,
-                        st.arm_ns)
+        return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns)
 
     def collect(self, timeout_ms: int = 200) -> Collected | None:
         """Next copied pages of the checkpoint in flight; None once it is drained whole."""
@@ -96,11 +107,19 @@ class Tracker:
         """The engine's read-only view of guest RAM (tests take reference copies through it)."""
         return memoryview(ffi.buffer(lib.trk_ram(self._t), self.ram.length))
 
+    def counters(self) -> Counters:
+        st = self._stats()
+        return Counters(st.faults, st.cow_copies, st.copier_copies, st.copier_waits)
+
+    def _stats(self) -> ffi.CData:
+        st = ffi.new("struct trk_stats *")
+        lib.trk_get_stats(self._t, st)
+        return st
+
     def take_fault_percentiles(self, *qs: float) -> list[float | None]:
         """Fault service time percentiles (seconds, log2-bucket upper bounds) since the last
         call, then starts a new histogram; None where there was no fault."""
-        st = ffi.new("struct trk_stats *")
-        lib.trk_get_stats(self._t, st)
+        st = self._stats()
         lib.trk_reset_hist(self._t)
         hist = list(st.fault_hist)
         total = sum(hist)

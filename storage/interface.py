@@ -22,7 +22,8 @@ class PageStore(ABC):
 
     @abstractmethod
     def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
-        """Stores the pages it does not have yet (ids uint8[n,32], pages uint8[n,4096])."""
+        """Stores the pages it does not have yet (ids uint8[n,32], pages uint8[n,4096]);
+        rows whose id is ZERO_ID are all-zero pages: skipped, counted neither new nor dup."""
 
     @abstractmethod
     def has_pages(self, ids: np.ndarray) -> np.ndarray: ...

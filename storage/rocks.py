@@ -26,7 +26,7 @@ from vmckpt.storage.errors import (
     UnknownCheckpoint,
 )
 from vmckpt.storage.interface import PageStore, PutResult
-from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap
+from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
 
 FORMAT = {"name": "vmckpt-store", "version": 1, "page_size": 4096, "hash": "sha256"}
 CFS = ("pages", "records", "maps")
@@ -92,6 +92,8 @@ class RocksStore(PageStore):
                          default=0)
         self._sync = WriteOptions()
         self._sync.sync = True
+        self._nowal = WriteOptions()
+        self._nowal.disable_wal = True
 
     def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
         raw_ids = np.ascontiguousarray(ids).tobytes()
@@ -104,6 +106,8 @@ class RocksStore(PageStore):
             known = self._known
             for i in range(len(raw_ids) // ID_BYTES):
                 pid = raw_ids[i * ID_BYTES:(i + 1) * ID_BYTES]
+                if pid == ZERO_ID:
+                    continue
                 if pid in known:
                     dup += 1
                     continue
@@ -111,8 +115,9 @@ class RocksStore(PageStore):
                 batch.put(pid, raw[i * size:(i + 1) * size].tobytes())
                 new += 1
             if new:
-                # WAL on, unsynced: the commit's synced write makes these durable too.
-                self.db.write(batch)
+                # No WAL: pages are made durable by the flush in commit_checkpoint, before any
+                # record names them; a crash before that loses only pages nothing refers to.
+                self.db.write(batch, self._nowal)
         return PutResult(new, dup, new * size)
 
     def has_pages(self, ids: np.ndarray) -> np.ndarray:
@@ -169,6 +174,7 @@ class RocksStore(PageStore):
         else:
             kind, blob = "delta", delta.encode("delta")
         with self._lock:
+            self.cf["pages"].flush()  # the pages this record names are on disk before it
             ckpt = self._last + 1
             record = {**record, "id": ckpt,
                       "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
@@ -181,5 +187,9 @@ class RocksStore(PageStore):
 
     def close(self) -> None:
         if self.db is not None:
+            # Column family handles keep the database (and its lock) alive: drop them first.
+            for cf in self.cf.values():
+                cf.close()
+            self.cf, self.cfh = {}, {}
             self.db.close()
             self.db = None

@@ -6,10 +6,8 @@ import asyncio
 from asyncio.subprocess import PIPE
 
 from vmckpt.engine.cycle import Engine, EngineOptions
-from vmckpt.engine.session import launch
+from vmckpt.engine.session import TrackedProgram
 from vmckpt.engine.synthguest import command as synth
-from vmckpt.engine.targets import ProcessTarget
-from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import open_store
 
 
@@ -28,22 +26,14 @@ class Guest:
 
 async def scripted_run(store_path, script) -> list[dict]:
     with open_store(store_path, create=True) as store:
-        proc, ram, listener = await launch(
-            synth("--size", "16M", "--fill", "0", "--control"), store_path.parent / "s.sock",
-            min_ram=4 << 20, stdin=PIPE, stdout=PIPE)
-        assert proc.stdout
-        assert (await proc.stdout.readline()).startswith(b"READY")
-        target = ProcessTarget(proc.pid)
-        tracker = Tracker(ram, copiers=2)
-        engine = Engine(target, tracker, store, EngineOptions())
-        try:
-            await script(Guest(proc), engine)
-        finally:
-            tracker.close()
-            target.close()
-            listener.close()
-            proc.kill()
-            await proc.wait()
+        async with await TrackedProgram.start(
+                synth("--size", "16M", "--fill", "0", "--control"),
+                store_path.parent / "s.sock", copiers=2, min_ram=4 << 20, stdin=PIPE,
+                stdout=PIPE) as prog:
+            assert prog.proc.stdout
+            assert (await prog.proc.stdout.readline()).startswith(b"READY")
+            engine = Engine(prog.target, prog.tracker, store, EngineOptions())
+            await script(Guest(prog.proc), engine)
         return store.list_checkpoints()
 
 

@@ -74,7 +74,7 @@ struct trk {
     /* Figures */
     atomic_uint_fast64_t faults, cow_copies, copier_copies, copier_waits;
     atomic_uint_fast64_t hist[48];
-    uint64_t faults_at_arm, cows_at_arm;
+    uint64_t faults_at_arm;
 };
 
 static uint64_t now_ns(void)
@@ -391,9 +391,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     st->dirty_units = t->dirty_units;
     t->dirty_units = 0;
     st->faults = atomic_load(&t->faults) - t->faults_at_arm;
-    st->cow_copies = atomic_load(&t->cow_copies) - t->cows_at_arm;
     t->faults_at_arm = atomic_load(&t->faults);
-    t->cows_at_arm = atomic_load(&t->cow_copies);
     st->units_owed = n;
     atomic_store(&t->remaining, n);
     atomic_store(&t->cursor, 0);

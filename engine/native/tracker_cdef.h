@@ -16,15 +16,14 @@ struct trk_config {
 struct trk_arm_stats {
     uint64_t units_owed;    /* units owed to the checkpoint just armed */
     uint64_t runs;          /* write-protect ioctls issued */
-    uint64_t faults;        /* write faults served since the previous arm */
-    uint64_t cow_copies;    /* of which copied by the fault thread (copy-on-write) */
+    uint64_t faults;        /* write faults served since the previous arm (each dirtied a unit) */
     uint64_t dirty_units;   /* units dirtied since the previous arm (== units_owed after the first) */
     uint64_t arm_ns;        /* time spent inside trk_arm */
 };
 
-struct trk_stats {
+struct trk_stats {            /* counts since trk_create */
     uint64_t faults;
-    uint64_t cow_copies;
+    uint64_t cow_copies;         /* owed units copied by the fault thread (copy-on-write) */
     uint64_t copier_copies;
     uint64_t copier_waits;       /* times a copier waited for buffer space */
     uint64_t fault_hist[48];     /* fault service time histogram, bucket i = [2^i, 2^(i+1)) ns */
