@@ -6,15 +6,21 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 import uvloop
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.handoff import preload_path
+from vmckpt.engine.qemu.argv import QemuArgsError
+from vmckpt.engine.qemu.qmp import QemuError
+from vmckpt.engine.qemu.restore import RestoreError, restore_qemu
 from vmckpt.engine.session import AttachError, run_program
+from vmckpt.engine.session import serve as serve_qemu
 from vmckpt.engine.tracker import TrackerError
-from vmckpt.storage import StoreError, open_store, restore_image
+from vmckpt.storage import PageStore, StoreError, open_store, restore_image
 
 DEFAULT_STORE = "vmckpt-store"
 
@@ -39,7 +45,7 @@ store_option = click.option(
     help="Checkpoint store directory (default: $VMCKPT_STORE, then ./vmckpt-store).")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"vmckpt: {message}", err=True)
     sys.exit(2)
 
@@ -52,58 +58,124 @@ def main(verbose: bool) -> None:
                         format="vmckpt: %(message)s")
 
 
-@main.command()
-@store_option
-@click.option("--interval", default="1s", show_default=True, help="Time between checkpoints.")
-@click.option("--copiers", type=int, default=None, help="Copier threads (default: cores).")
-@click.option("--buffer", "buffer_size", default="64M", show_default=True,
-              help="Bound on copied pages waiting for the store.")
-@click.option("--min-ram", default="32M", show_default=True,
-              help="Smallest shared mapping taken for guest RAM.")
-@click.option("--attach-timeout", default="30s", show_default=True,
-              help="How long the program may take to map its guest RAM.")
-@click.option("--max-checkpoints", type=int, default=None, help="Stop after this many.")
-@click.option("--detach-on-exit", is_flag=True,
-              help="On Ctrl-C, leave the program running untracked instead of stopping it.")
-@click.argument("argv", nargs=-1, required=True)
-def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str, min_ram: str,
-        attach_timeout: str, max_checkpoints: int | None, detach_on_exit: bool,
-        argv: tuple[str, ...]) -> None:
-    """Start PROGRAM ARGS... and checkpoint its guest RAM until it exits or Ctrl-C."""
-    options = EngineOptions(interval=_duration(interval),
-                            copiers=copiers or os.cpu_count() or 1,
-                            buffer_bytes=_size(buffer_size))
+def engine_options(f: Callable) -> Callable:
+    """The options of every command that runs the engine."""
+    for opt in reversed([
+        click.option("--interval", default="1s", show_default=True,
+                     help="Time between checkpoints."),
+        click.option("--copiers", type=int, default=None, help="Copier threads (default: cores)."),
+        click.option("--buffer", "buffer_size", default="64M", show_default=True,
+                     help="Bound on copied pages waiting for the store."),
+        click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _options(interval: str, copiers: int | None, buffer_size: str) -> EngineOptions:
+    return EngineOptions(interval=_duration(interval), copiers=copiers or os.cpu_count() or 1,
+                         buffer_bytes=_size(buffer_size))
+
+
+ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError)
+
+
+def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path: Path,
+            what: str, *, create: bool = True) -> None:
+    """Runs an engine command on the store; exits with its status, or one line on failure."""
     try:
-        with open_store(store_path, create=True) as store:
-            status = uvloop.run(run_program(
-                argv, store, options, attach_timeout=_duration(attach_timeout),
-                min_ram=_size(min_ram), detach_on_exit=detach_on_exit,
-                max_checkpoints=max_checkpoints))
-    except (StoreError, AttachError, TrackerError) as e:
+        with open_store(store_path, create=create) as store:
+            status = uvloop.run(coro_fn(store))
+    except ENGINE_ERRORS as e:
         _fail(str(e))
     except FileNotFoundError as e:
-        _fail(f"cannot start {argv[0]}: {e.strerror}")
+        _fail(f"cannot start {what}: {e.strerror}")
     sys.exit(status if status >= 0 else 128 - status)
 
 
 @main.command()
 @store_option
-@click.option("--image", type=click.Path(path_type=Path), required=True,
-              help="File to write the RAM image to (sparse: zero pages stay holes).")
-@click.option("--workers", type=int, default=4, show_default=True, help="Parallel readers.")
-@click.argument("ckpt")
-def restore(store_path: Path, image: Path, workers: int, ckpt: str) -> None:
-    """Materialise the RAM of checkpoint CKPT (an id, or 'latest') into a file, bit-exact."""
+@engine_options
+@click.option("--min-ram", default="32M", show_default=True,
+              help="Smallest shared mapping taken for guest RAM.")
+@click.option("--attach-timeout", default="30s", show_default=True,
+              help="How long the program may take to map its guest RAM.")
+@click.option("--detach-on-exit", is_flag=True,
+              help="On Ctrl-C, leave the program running untracked instead of stopping it.")
+@click.option("--add-memory-backend", is_flag=True,
+              help="QEMU with plain -m SIZE: give it a shared memfd backend of that size.")
+@click.argument("argv", nargs=-1, required=True)
+def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
+        max_checkpoints: int | None, min_ram: str, attach_timeout: str, detach_on_exit: bool,
+        add_memory_backend: bool, argv: tuple[str, ...]) -> None:
+    """Start PROGRAM ARGS... (QEMU, or any program with shared guest RAM) and checkpoint it
+    every interval until it exits or Ctrl-C."""
+    options = _options(interval, copiers, buffer_size)
+    _engine(lambda store: run_program(
+        argv, store, options, attach_timeout=_duration(attach_timeout), min_ram=_size(min_ram),
+        add_memory_backend=add_memory_backend, detach_on_exit=detach_on_exit,
+        max_checkpoints=max_checkpoints), store_path, argv[0])
+
+
+@main.command()
+@store_option
+@engine_options
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), required=True,
+              help="Unix socket QEMU's preload library connects to ($VMCKPT_SOCKET).")
+@click.option("--qmp", "qmp_path", type=click.Path(path_type=Path), required=True,
+              help="QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off); vmckpt must be its "
+                   "only client.")
+def serve(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
+          max_checkpoints: int | None, socket_path: Path, qmp_path: Path) -> None:
+    """Checkpoint a QEMU started by someone else with LD_PRELOAD=$(vmckpt preload-path) and
+    VMCKPT_SOCKET=SOCKET, until it exits or Ctrl-C (QEMU keeps running)."""
+    options = _options(interval, copiers, buffer_size)
+    _engine(lambda store: serve_qemu(socket_path, qmp_path, store, options,
+                                     max_checkpoints=max_checkpoints), store_path, "serve")
+
+
+def _ckpt(text: str) -> int | str:
+    if text == "latest":
+        return text
     try:
-        with open_store(store_path, readonly=True) as store:
-            stats = restore_image(store, ckpt if ckpt == "latest" else int(ckpt), image,
-                                  workers=workers)
-    except StoreError as e:
-        _fail(str(e))
+        return int(text)
     except ValueError:
-        _fail(f"checkpoint id must be a number or 'latest', not {ckpt!r}")
-    click.echo(f"restored {stats.pages} pages ({stats.unique_pages} distinct, "
-               f"{stats.bytes / 2**20:.1f} MiB) into {image} in {stats.seconds:.2f} s")
+        _fail(f"checkpoint id must be a number or 'latest', not {text!r}")
+
+
+@main.command()
+@store_option
+@click.option("--image", type=click.Path(path_type=Path),
+              help="Only write the RAM image to this file (sparse: zero pages stay holes).")
+@click.option("--workers", type=int, default=4, show_default=True, help="Parallel readers.")
+@click.option("--paused", is_flag=True, help="Leave the restored guest paused (debuggers).")
+@click.option("--checkpoint", is_flag=True,
+              help="Keep checkpointing the restored VM, as a new branch from CKPT.")
+@engine_options
+@click.argument("ckpt")
+@click.argument("argv", nargs=-1)
+def restore(store_path: Path, image: Path | None, workers: int, paused: bool, checkpoint: bool,
+            interval: str, copiers: int | None, buffer_size: str, max_checkpoints: int | None,
+            ckpt: str, argv: tuple[str, ...]) -> None:
+    """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
+    -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM), or with
+    --image into a RAM image file, bit-exact."""
+    which = _ckpt(ckpt)
+    if image is not None:
+        try:
+            with open_store(store_path, readonly=True) as store:
+                stats = restore_image(store, which, image, workers=workers)
+        except StoreError as e:
+            _fail(str(e))
+        click.echo(f"restored {stats.pages} pages ({stats.unique_pages} distinct, "
+                   f"{stats.bytes / 2**20:.1f} MiB) into {image} in {stats.seconds:.2f} s")
+        return
+    if not argv:
+        _fail("give --image FILE, or the QEMU command line after --")
+    options = _options(interval, copiers, buffer_size) if checkpoint else None
+    _engine(lambda store: restore_qemu(store, which, argv, paused=paused, checkpoint=options,
+                                       max_checkpoints=max_checkpoints), store_path, argv[0],
+            create=False)
 
 
 COLUMNS = [("id", "id", "{}"), ("parent", "parent", "{}"),

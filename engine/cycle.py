@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from vmckpt.engine.targets.base import Target
 from vmckpt.engine.tracker import PAGE, Tracker
-from vmckpt.storage import MapDelta, PageMap, PageStore
+from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
 
 log = logging.getLogger("vmckpt")
 
@@ -64,14 +64,15 @@ class Engine:
         finally:
             await self.target.resume()
         t4 = time.perf_counter()
-        drained = await asyncio.to_thread(self._drain)
+        drained = await asyncio.to_thread(self._drain, extra)
         delta = drained.pop("delta")
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
         p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
         record = {
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
-            "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name},
+            "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name,
+                                         "argv": self.target.argv},
             "pages_dirtied": arm.units_owed * (self.tracker.unit // PAGE),
             **drained,
             "pause": t4 - t0,
@@ -81,7 +82,6 @@ class Engine:
             "fault_service_p50": p50, "fault_service_p99": p99,
             "drain_time": t5 - t4, "interval_stretched": stretched,
             "strategy": asdict(self.options),
-            "extra_state_bytes": len(extra) if extra else 0,
         }
         ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
         record["id"] = ckpt
@@ -90,8 +90,10 @@ class Engine:
         self.records.append(record)
         return record
 
-    def _drain(self) -> dict:
-        """Moves every owed page into the store; returns the figures and the map delta."""
+    def _drain(self, extra: bytes | None) -> dict:
+        """Moves every owed page (and the device state) into the store; returns the figures
+        and the map delta."""
+        device = put_blob(self.store, extra) if extra else None
         pfns, ids = [], []
         new = dup = nbytes = zero = 0
         while (got := self.tracker.collect()) is not None:
@@ -106,8 +108,9 @@ class Engine:
         changed = (self.current.ids[delta.pfns.astype(np.int64)] != delta.ids).any(axis=1)
         delta = MapDelta(delta.pfns[changed], delta.ids[changed])
         self.current.apply(delta)
-        return {"pages_stored_new": new, "dedup_hits": dup, "zero_pages": zero,
-                "bytes_added": nbytes, "pages_changed": len(delta.pfns), "delta": delta}
+        return {"device_state": device, "pages_stored_new": new, "dedup_hits": dup,
+                "zero_pages": zero, "bytes_added": nbytes, "pages_changed": len(delta.pfns),
+                "delta": delta}
 
     async def run(self, stop: asyncio.Event, max_checkpoints: int | None = None) -> None:
         """Checkpoints every interval until stop is set; the one in flight always completes."""

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.handoff import (
@@ -20,7 +21,11 @@ from vmckpt.engine.handoff import (
     HandoffListener,
     preload_path,
 )
-from vmckpt.engine.targets import ProcessTarget, TargetGone
+from vmckpt.engine.qemu.argv import add_memory_backend as add_memory_backend_to
+from vmckpt.engine.qemu.argv import find_ram_backend, is_qemu, with_qmp
+from vmckpt.engine.qemu.target import QemuTarget
+from vmckpt.engine.targets import ProcessTarget, Target, TargetGone
+from vmckpt.engine.targets.base import pid_alive
 from vmckpt.engine.tracker import Tracker
 from vmckpt.storage import PageStore
 
@@ -64,12 +69,12 @@ async def attach(listener: HandoffListener, proc: asyncio.subprocess.Process,
 
 async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.0,
                  min_ram: int = 32 << 20, stdin: int | None = None,
-                 stdout: int | None = None) -> tuple[asyncio.subprocess.Process, GuestRam,
-                                                     HandoffListener]:
+                 stdout: int | None = None, stderr: int | None = None,
+                 ) -> tuple[asyncio.subprocess.Process, GuestRam, HandoffListener]:
     """Starts argv with the preload library and waits for its guest RAM."""
     listener = HandoffListener(sock)
     proc = await asyncio.create_subprocess_exec(*argv, env=preload_env(sock, min_ram),
-                                                stdin=stdin, stdout=stdout)
+                                                stdin=stdin, stdout=stdout, stderr=stderr)
     try:
         ram = await attach(listener, proc, attach_timeout, min_ram)
     except AttachError:
@@ -83,36 +88,75 @@ async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.
 
 @dataclass
 class TrackedProgram:
-    """A program started with the preload library, its guest RAM under a tracker."""
+    """A program started with the preload library, its guest RAM under a tracker. QEMU (by
+    its name) becomes a QEMU target behind the engine's own QMP monitor; anything else a
+    process target."""
 
-    proc: asyncio.subprocess.Process
-    target: ProcessTarget
+    proc: asyncio.subprocess.Process | None  # None: started by someone else (serve)
+    target: Target
     tracker: Tracker
     listener: HandoffListener
+    pid: int
 
     @classmethod
     async def start(cls, argv: Sequence[str], sock: Path, *, copiers: int | None = None,
                     buffer_bytes: int = 64 << 20, attach_timeout: float = 30.0,
-                    min_ram: int = 32 << 20, stdin: int | None = None,
-                    stdout: int | None = None) -> TrackedProgram:
+                    min_ram: int = 32 << 20, add_memory_backend: bool = False,
+                    stdin: int | None = None, stdout: int | None = None,
+                    stderr: int | None = None) -> TrackedProgram:
+        qmp_path = sock.with_name(sock.stem + "-qmp.sock")
+        name = Path(argv[0]).name
+        if is_qemu(argv):
+            if add_memory_backend:
+                argv = add_memory_backend_to(argv)
+            find_ram_backend(argv)  # refuses what cannot be tracked before QEMU starts
+            argv = with_qmp(argv, qmp_path)
         proc, ram, listener = await launch(argv, sock, attach_timeout=attach_timeout,
-                                           min_ram=min_ram, stdin=stdin, stdout=stdout)
-        tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes)
-        return cls(proc, ProcessTarget(proc.pid, name=Path(argv[0]).name), tracker, listener)
+                                           min_ram=min_ram, stdin=stdin, stdout=stdout,
+                                           stderr=stderr)
+        target: Target | None = None
+        tracker = None
+        try:
+            tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes)
+            if is_qemu(argv):
+                target = await QemuTarget.connect(qmp_path, proc.pid, ram.length, name=name,
+                                                  argv=argv, timeout=attach_timeout)
+            else:
+                target = ProcessTarget(proc.pid, name=name, argv=argv)
+        except BaseException:
+            if tracker:
+                tracker.close()
+            else:
+                ram.close()
+            listener.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise
+        return cls(proc, target, tracker, listener, proc.pid)
 
-    def untrack(self) -> None:
+    async def wait_exit(self) -> int:
+        """The program's exit status (0 for one that is not our child)."""
+        if self.proc:
+            return await self.proc.wait()
+        while pid_alive(self.pid):
+            await asyncio.sleep(0.2)
+        return 0
+
+    async def untrack(self) -> None:
         """Hands the program back: it runs on untracked."""
         self.tracker.close()
-        self.target.close()
+        await self.target.close()
         self.listener.close()
 
     async def close(self) -> None:
         """Untracks and kills the program (tests and benchmarks)."""
-        self.untrack()
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        await self.proc.wait()
+        await self.untrack()
+        if self.proc:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+            await self.proc.wait()
 
     async def __aenter__(self) -> TrackedProgram:
         return self
@@ -123,38 +167,75 @@ class TrackedProgram:
 
 async def run_program(argv: Sequence[str], store: PageStore, options: EngineOptions, *,
                       attach_timeout: float = 30.0, min_ram: int = 32 << 20,
-                      detach_on_exit: bool = False, max_checkpoints: int | None = None,
-                      stop: asyncio.Event | None = None,
-                      on_engine: Callable[[Engine], None] | None = None) -> int:
-    """Runs argv under checkpointing; returns the program's exit status (0 if left running)."""
-    stop = stop or asyncio.Event()
+                      add_memory_backend: bool = False, **how: Any) -> int:
+    """Starts argv under checkpointing (see checkpoint_program for the rest)."""
     with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
         prog = await TrackedProgram.start(argv, Path(tmp) / "engine.sock",
                                           copiers=options.copiers,
                                           buffer_bytes=options.buffer_bytes,
-                                          attach_timeout=attach_timeout, min_ram=min_ram)
-        proc = prog.proc
-        refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
-        engine = Engine(prog.target, prog.tracker, store, options)
-        if on_engine:
-            on_engine(engine)
-        exited = asyncio.ensure_future(proc.wait())
-        exited.add_done_callback(lambda _: stop.set())
-        loop = asyncio.get_running_loop()
+                                          attach_timeout=attach_timeout, min_ram=min_ram,
+                                          add_memory_backend=add_memory_backend)
+        return await checkpoint_program(prog, store, options, **how)
+
+
+async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: EngineOptions,
+                             *, parent: int | None = None, detach_on_exit: bool = False,
+                             max_checkpoints: int | None = None,
+                             stop: asyncio.Event | None = None,
+                             on_engine: Callable[[Engine], None] | None = None) -> int:
+    """Checkpoints prog every interval until it exits, stop is set, SIGINT/SIGTERM, or
+    max_checkpoints; the checkpoint in flight is always committed whole. Returns the program's
+    exit status: it is stopped at the end unless detach_on_exit (then 0, left running); one
+    that is not our child is always left running."""
+    stop = stop or asyncio.Event()
+    refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
+    engine = Engine(prog.target, prog.tracker, store, options, parent=parent)
+    if on_engine:
+        on_engine(engine)
+    exited = asyncio.ensure_future(prog.wait_exit())
+    exited.add_done_callback(lambda _: stop.set())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await engine.run(stop, max_checkpoints)
+    except TargetGone:
+        pass
+    finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await engine.run(stop, max_checkpoints)
-        except TargetGone:
-            pass
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            refuse.cancel()
-            prog.untrack()  # the program runs on untracked from here
-        if detach_on_exit and not exited.done():
-            exited.cancel()
-            return 0
-        if not exited.done():
-            proc.terminate()
-        return await proc.wait()
+            loop.remove_signal_handler(sig)
+        refuse.cancel()
+        await prog.untrack()  # the program runs on untracked from here
+    if (detach_on_exit or not prog.proc) and not exited.done():
+        exited.cancel()
+        return 0
+    if prog.proc and not exited.done():
+        prog.proc.terminate()
+    return await exited
+
+
+async def serve(socket_path: Path, qmp_path: Path, store: PageStore, options: EngineOptions,
+                **how: Any) -> int:
+    """Checkpoints a QEMU started by someone else with the preload library pointed at
+    socket_path and a QMP monitor at qmp_path; QEMU is left running when this stops."""
+    listener = HandoffListener(socket_path)
+    try:
+        log.info("waiting for QEMU's guest RAM on %s", socket_path)
+        ram = await listener.accept()
+        tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes)
+    except BaseException:
+        listener.close()
+        raise
+    try:
+        cmdline = Path(f"/proc/{ram.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        argv = [a.decode(errors="replace") for a in cmdline]
+        target = await QemuTarget.connect(qmp_path, ram.pid, ram.length,
+                                          name=Path(argv[0]).name if argv else "qemu",
+                                          argv=argv)
+    except BaseException:
+        tracker.close()
+        listener.close()
+        raise
+    log.info("tracking QEMU pid %d: %d MiB of guest RAM", ram.pid, ram.length >> 20)
+    prog = TrackedProgram(None, target, tracker, listener, ram.pid)
+    return await checkpoint_program(prog, store, options, **how)

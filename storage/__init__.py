@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from vmckpt.storage.blob import get_blob, put_blob
 from vmckpt.storage.errors import (
     FormatMismatch,
     MissingPage,
@@ -25,4 +26,4 @@ def open_store(path: str | Path, *, create: bool = False, readonly: bool = False
 
 __all__ = ["FormatMismatch", "MapDelta", "MissingPage", "NotAStore", "PageMap", "PageStore",
            "PutResult", "RestoreStats", "StoreError", "StoreLocked", "UnknownCheckpoint",
-           "ZERO_ID", "open_store", "restore_image"]
+           "ZERO_ID", "get_blob", "open_store", "put_blob", "restore_image"]

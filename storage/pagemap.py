@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import msgpack
@@ -9,6 +10,16 @@ import numpy as np
 
 ID_BYTES = 32
 ZERO_ID = bytes(ID_BYTES)  # in a delta: the frame is all-zero now; never stored
+
+
+def page_ids(pages: np.ndarray) -> np.ndarray:
+    """Page ids as the engine computes them (SHA-256; ZERO_ID for an all-zero page), in Python:
+    for small amounts (device state) and for verifying stored pages."""
+    ids = np.zeros((len(pages), ID_BYTES), np.uint8)
+    for i, page in enumerate(pages):
+        if page.any():
+            ids[i] = np.frombuffer(hashlib.sha256(page).digest(), np.uint8)
+    return ids
 
 
 @dataclass

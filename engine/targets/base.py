@@ -5,6 +5,15 @@ from __future__ import annotations
 from typing import Protocol
 
 
+def pid_alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 class TargetGone(Exception):
     """The target exited: the cycle stops."""
 
@@ -12,6 +21,7 @@ class TargetGone(Exception):
 class Target(Protocol):
     kind: str
     name: str
+    argv: list[str] | None  # how it was started (recorded: a restore needs the same machine)
 
     async def pause(self) -> None:
         """Returns once no guest thread can write guest RAM."""
@@ -20,3 +30,6 @@ class Target(Protocol):
         """State beyond RAM taken while paused (QEMU's devices); None for a plain process."""
 
     async def resume(self) -> None: ...
+
+    async def close(self) -> None:
+        """Lets go of the target; it runs on."""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from vmckpt.engine.targets.base import TargetGone
@@ -31,9 +32,11 @@ class ProcessTarget:
 
     kind = "process"
 
-    def __init__(self, pid: int, name: str | None = None, stop_timeout: float = 5.0) -> None:
+    def __init__(self, pid: int, name: str | None = None, stop_timeout: float = 5.0,
+                 argv: Sequence[str] | None = None) -> None:
         self.pid = pid
         self.name = name or Path(f"/proc/{pid}/comm").read_text().strip()
+        self.argv = list(argv) if argv else None
         self.stop_timeout = stop_timeout
         self._keeper = subprocess.Popen(
             ["sh", "-c", 'trap "" INT TERM HUP; read _; kill -CONT "$0" 2>/dev/null', str(pid)],
@@ -63,7 +66,7 @@ class ProcessTarget:
     async def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._keeper.stdin:
             self._keeper.stdin.close()  # the keeper sends a harmless SIGCONT and exits
         self._keeper.wait()

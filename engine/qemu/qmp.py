@@ -1,0 +1,125 @@
+"""The engine's QMP connection (qemu.qmp) and device state moved through pipes, no files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+from vmckpt.engine.targets.base import pid_alive
+
+MIGRATION_DONE = ("completed", "failed", "cancelled")
+
+
+class QemuError(Exception):
+    """QEMU refused or failed a command; the message says what QEMU said."""
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Qmp:
+    def __init__(self, client: QMPClient, sock: socket.socket) -> None:
+        self.client = client
+        self._sock = sock  # ours, for SCM_RIGHTS (qemu.qmp's own way fails under uvloop)
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, timeout: float = 30.0,
+                      pid: int | None = None) -> Qmp:
+        """Connects as soon as QEMU listens; fails if QEMU exits or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            client = QMPClient("vmckpt")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                await client.connect(sock)
+                return cls(client, sock)
+            except Exception as e:  # noqa: BLE001 (qemu.qmp wraps OSError in ConnectError)
+                sock.close()
+                err = e
+            if pid is not None and not pid_alive(pid):
+                raise QemuError(f"QEMU (pid {pid}) exited before its QMP monitor answered")
+            if time.monotonic() > deadline:
+                raise QemuError(f"no QMP monitor at {path} after {timeout:g} s: {err}")
+            await asyncio.sleep(0.05)
+
+    async def cmd(self, name: str, **args: Any) -> Any:
+        try:
+            return await self.client.execute(name, args or None)
+        except ExecuteError as e:
+            raise QemuError(f"QEMU refused {name}: {e.error.desc}") from None
+
+    async def _send_fd(self, fd: int, name: str) -> None:
+        self._sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                     struct.pack("@i", fd))])
+        await self.cmd("getfd", fdname=name)
+
+    async def set_ignore_shared(self) -> None:
+        await self.cmd("migrate-set-capabilities",
+                       capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    async def save_device_state(self) -> tuple[bytes, dict]:
+        """Runs a migration into a pipe that this process reads; returns the stream and QEMU's
+        figures for it. The guest must be stopped (shared RAM is skipped, not copied)."""
+        r, w = os.pipe()
+        try:
+            await self._send_fd(w, "vmckpt-out")
+        finally:
+            os.close(w)  # QEMU holds its own copy: EOF comes when QEMU closes it
+        reader = asyncio.ensure_future(asyncio.to_thread(_read_all, r))
+        try:
+            await self.cmd("migrate", uri="fd:vmckpt-out")
+        except QemuError:
+            await self.cmd("closefd", fdname="vmckpt-out")
+            raise
+        finally:
+            data = await reader
+            os.close(r)
+        info = await self.wait_migration()
+        return data, info
+
+    async def load_device_state(self, data: bytes) -> dict:
+        """Feeds a saved stream to a QEMU started with `-incoming defer`."""
+        r, w = os.pipe()
+        try:
+            await self._send_fd(r, "vmckpt-in")
+        finally:
+            os.close(r)
+        try:
+            await self.cmd("migrate-incoming", uri="fd:vmckpt-in")
+            await asyncio.to_thread(_write_all, w, data)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(w)
+        return await self.wait_migration()
+
+    async def wait_migration(self) -> dict:
+        while True:
+            info = await self.cmd("query-migrate")
+            status = info.get("status")
+            if status in MIGRATION_DONE:
+                if status != "completed":
+                    raise QemuError(f"migration {status}: "
+                                    f"{info.get('error-desc', 'QEMU gave no reason')}")
+                return info
+            await asyncio.sleep(0.0005)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()

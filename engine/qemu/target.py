@@ -1,0 +1,88 @@
+"""QEMU as a checkpoint target: QMP stop, device state without RAM, cont."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from vmckpt.engine.qemu.qmp import QemuError, Qmp
+from vmckpt.engine.targets.base import TargetGone, pid_alive
+
+
+class QemuTarget:
+    """Owns the engine's QMP connection to one QEMU.
+
+    A keeper process (engine/qemu/keeper.py) continues the guest if the engine dies while the
+    guest is stopped, so a crash of the engine never leaves the VM paused.
+    """
+
+    kind = "qemu"
+
+    def __init__(self, qmp: Qmp, qmp_path: str | os.PathLike[str], pid: int, ram_length: int,
+                 name: str = "qemu", argv: Sequence[str] | None = None) -> None:
+        self.qmp, self.pid, self.ram_length, self.name = qmp, pid, ram_length, name
+        self.argv = list(argv) if argv else None
+        self._keeper = subprocess.Popen(
+            [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path)],
+            stdin=subprocess.PIPE, start_new_session=True)
+
+    @classmethod
+    async def connect(cls, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
+                      name: str = "qemu", argv: Sequence[str] | None = None,
+                      timeout: float = 30.0) -> QemuTarget:
+        qmp = await Qmp.connect(qmp_path, timeout=timeout, pid=pid)
+        try:
+            await qmp.set_ignore_shared()
+        except BaseException:
+            await qmp.close()
+            raise
+        return cls(qmp, qmp_path, pid, ram_length, name, argv)
+
+    def _mark(self, state: bytes) -> None:
+        assert self._keeper.stdin
+        self._keeper.stdin.write(state)
+        self._keeper.stdin.flush()
+
+    async def _cmd(self, name: str) -> None:
+        try:
+            await self.qmp.cmd(name)
+        except QemuError:
+            raise
+        except Exception as e:
+            if not pid_alive(self.pid):
+                raise TargetGone(f"QEMU (pid {self.pid}) exited") from None
+            raise QemuError(f"QMP {name} failed: {e}") from e
+
+    async def pause(self) -> None:
+        self._mark(b"P")
+        await self._cmd("stop")
+
+    async def extra_state(self) -> bytes:
+        try:
+            data, info = await self.qmp.save_device_state()
+        except QemuError:
+            raise
+        except Exception as e:
+            if not pid_alive(self.pid):
+                raise TargetGone(f"QEMU (pid {self.pid}) exited") from None
+            raise QemuError(f"saving device state failed: {e}") from e
+        sent = info.get("ram", {}).get("total", 0)
+        if sent >= self.ram_length:
+            raise QemuError(
+                f"this QEMU puts guest RAM into its device state ({sent >> 20} MiB of RAM "
+                "blocks were not skipped by x-ignore-shared): vmckpt cannot checkpoint it; "
+                "use memory-backend-memfd (QEMU 7.x) or a shared memory-backend-file under "
+                "/dev/shm")
+        return data
+
+    async def resume(self) -> None:
+        await self._cmd("cont")
+        self._mark(b"R")
+
+    async def close(self) -> None:
+        if self._keeper.stdin:
+            self._keeper.stdin.close()
+        self._keeper.wait()
+        await self.qmp.close()
