@@ -54,8 +54,8 @@ def _fail(message: str) -> NoReturn:
 @click.option("-v", "--verbose", is_flag=True, help="Say more.")
 def main(verbose: bool) -> None:
     """Continuous copy-on-write checkpoints of running VMs (and any program's shared RAM)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="vmckpt: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="vmckpt: %(message)s")
+    logging.getLogger("vmckpt").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def engine_options(f: Callable) -> Callable:

@@ -50,6 +50,7 @@ class Engine:
     async def checkpoint(self, *, stretched: bool = False) -> dict:
         """One whole cycle; returns the committed record."""
         wall = time.time()
+        log.debug("pausing %s", self.target.name)
         t0 = time.perf_counter()
         await self.target.pause()
         t1 = time.perf_counter()
@@ -64,6 +65,8 @@ class Engine:
         finally:
             await self.target.resume()
         t4 = time.perf_counter()
+        log.debug("resumed after %.2f ms; draining %d owed pages", (t4 - t0) * 1e3,
+                  arm.units_owed * (self.tracker.unit // PAGE))
         drained = await asyncio.to_thread(self._drain, extra)
         delta = drained.pop("delta")
         t5 = time.perf_counter()

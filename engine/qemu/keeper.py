@@ -5,7 +5,7 @@ Run as its own session (a kill of the engine's process group spares it). The eng
 (the engine died mid-pause), the keeper connects to the QMP socket the engine held and sends
 `cont`. Any other end of the pipe just ends the keeper.
 
-    python -m vmckpt.engine.qemu.keeper QMP_SOCKET
+    python -m vmckpt.engine.qemu.keeper QMP_SOCKET QEMU_PID
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import sys
 import time
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from vmckpt.engine.targets.base import pid_alive
 
 
 def main() -> None:
-    qmp_path = sys.argv[1]
+    qmp_path, pid = sys.argv[1], int(sys.argv[2])
     state = b"R"
     while chunk := os.read(0, 64):
         state = chunk[-1:]
     if state != b"P":
         return
     for _ in range(100):  # QEMU frees the monitor once the engine's connection is gone
+        if not pid_alive(pid):
+            return
         try:
             qmp = QEMUMonitorProtocol(qmp_path)
             qmp.connect()

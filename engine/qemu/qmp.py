@@ -65,21 +65,25 @@ class Qmp:
         except ExecuteError as e:
             raise QemuError(f"QEMU refused {name}: {e.error.desc}") from None
 
-    async def _send_fd(self, fd: int, name: str) -> None:
+    async def send_fd(self, fd: int, name: str) -> None:
+        """Gives QEMU a copy of fd under name (for `fd:name` migration URIs)."""
         self._sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                      struct.pack("@i", fd))])
         await self.cmd("getfd", fdname=name)
 
-    async def set_ignore_shared(self) -> None:
+    async def set_capability(self, name: str, state: bool) -> None:
         await self.cmd("migrate-set-capabilities",
-                       capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                       capabilities=[{"capability": name, "state": state}])
+
+    async def set_ignore_shared(self) -> None:
+        await self.set_capability("x-ignore-shared", True)
 
     async def save_device_state(self) -> tuple[bytes, dict]:
         """Runs a migration into a pipe that this process reads; returns the stream and QEMU's
         figures for it. The guest must be stopped (shared RAM is skipped, not copied)."""
         r, w = os.pipe()
         try:
-            await self._send_fd(w, "vmckpt-out")
+            await self.send_fd(w, "vmckpt-out")
         finally:
             os.close(w)  # QEMU holds its own copy: EOF comes when QEMU closes it
         reader = asyncio.ensure_future(asyncio.to_thread(_read_all, r))
@@ -98,7 +102,7 @@ class Qmp:
         """Feeds a saved stream to a QEMU started with `-incoming defer`."""
         r, w = os.pipe()
         try:
-            await self._send_fd(r, "vmckpt-in")
+            await self.send_fd(r, "vmckpt-in")
         finally:
             os.close(r)
         try:

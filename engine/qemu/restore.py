@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -105,9 +106,16 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
             if prog:
                 return await checkpoint_program(prog, store, checkpoint, parent=rec["id"],
                                                 **how)
-            status = await proc.wait()
-            await qmp.close()
-            return status
+            # Like `vmckpt run`: Ctrl-C or SIGTERM stops the VM cleanly.
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, proc.terminate)
+            try:
+                return await proc.wait()
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+                await qmp.close()
     except QemuError as e:
         raise RestoreError(str(e)) from None
     finally:

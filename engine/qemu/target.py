@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.targets.base import TargetGone, pid_alive
@@ -25,8 +26,9 @@ class QemuTarget:
         self.qmp, self.pid, self.ram_length, self.name = qmp, pid, ram_length, name
         self.argv = list(argv) if argv else None
         self._keeper = subprocess.Popen(
-            [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path)],
-            stdin=subprocess.PIPE, start_new_session=True)
+            [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
 
     @classmethod
     async def connect(cls, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
@@ -45,29 +47,29 @@ class QemuTarget:
         self._keeper.stdin.write(state)
         self._keeper.stdin.flush()
 
-    async def _cmd(self, name: str) -> None:
+    @contextlib.contextmanager
+    def _failures(self, what: str) -> Iterator[None]:
+        """QEMU's refusals pass through; a lost connection is TargetGone if QEMU exited."""
         try:
-            await self.qmp.cmd(name)
+            yield
         except QemuError:
             raise
         except Exception as e:
             if not pid_alive(self.pid):
                 raise TargetGone(f"QEMU (pid {self.pid}) exited") from None
-            raise QemuError(f"QMP {name} failed: {e}") from e
+            raise QemuError(f"{what} failed: {e}") from e
+
+    async def _cmd(self, name: str) -> None:
+        with self._failures(f"QMP {name}"):
+            await self.qmp.cmd(name)
 
     async def pause(self) -> None:
         self._mark(b"P")
         await self._cmd("stop")
 
     async def extra_state(self) -> bytes:
-        try:
+        with self._failures("saving device state"):
             data, info = await self.qmp.save_device_state()
-        except QemuError:
-            raise
-        except Exception as e:
-            if not pid_alive(self.pid):
-                raise TargetGone(f"QEMU (pid {self.pid}) exited") from None
-            raise QemuError(f"saving device state failed: {e}") from e
         sent = info.get("ram", {}).get("total", 0)
         if sent >= self.ram_length:
             raise QemuError(

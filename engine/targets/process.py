@@ -40,7 +40,8 @@ class ProcessTarget:
         self.stop_timeout = stop_timeout
         self._keeper = subprocess.Popen(
             ["sh", "-c", 'trap "" INT TERM HUP; read _; kill -CONT "$0" 2>/dev/null', str(pid)],
-            stdin=subprocess.PIPE, start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def _signal(self, sig: int) -> None:

@@ -1,0 +1,225 @@
+"""QEMU end to end: a real guest (Debian kernel, busybox initramfs, tick counter, memory
+workload) checkpointed under TCG, restored into new QEMUs, and never harmed by the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from vmckpt.engine.cycle import Engine, EngineOptions
+from vmckpt.engine.qemu.restore import restore_qemu
+from vmckpt.engine.qemu.testguest import qemu_argv, ticks
+from vmckpt.engine.session import run_program
+from vmckpt.engine.targets.base import pid_alive
+from vmckpt.storage import open_store, restore_image
+
+VMCKPT = str(Path(sys.executable).with_name("vmckpt"))
+CKPTS = 24
+
+
+def last_tick(log: Path) -> int:
+    found = ticks(log.read_bytes()) if log.exists() else []
+    return found[-1][0] if found else 0
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path):
+    store, log = tmp_path / "store", tmp_path / "serial.log"
+    digests: list[bytes] = []
+    tick_at: list[int] = []
+
+    def paused(engine: Engine) -> None:  # test-only: guest RAM and its counter at the pause
+        digests.append(hashlib.sha256(engine.tracker.ram_view()).digest())
+        tick_at.append(last_tick(log))
+
+    def hook(engine: Engine) -> None:
+        engine.on_paused = paused
+
+    async def run() -> None:
+        with open_store(store, create=True) as s:
+            await run_program(qemu_argv(mem="128M", work="dirty", rate=5000, mb=48,
+                                        serial=f"file:{log}"),
+                              s, EngineOptions(interval=0.5), max_checkpoints=CKPTS,
+                              on_engine=hook)
+
+    asyncio.run(run())
+    assert len(digests) == CKPTS and tick_at[-1] >= 5, tick_at
+
+    # Every checkpoint's RAM in the store is the memfd at its pause (the guest wrote
+    # throughout the drains), and its device state is there.
+    with open_store(store, readonly=True) as s:
+        for rec in s.list_checkpoints():
+            assert rec["device_state"]["size"] > 0 and rec["target"]["kind"] == "qemu"
+            restore_image(s, rec["id"], tmp_path / "img", progress=False)
+            got = hashlib.sha256((tmp_path / "img").read_bytes()).digest()
+            assert got == digests[rec["id"] - 1], f"checkpoint {rec['id']} differs"
+        assert sum(r["pages_dirtied"] for r in s.list_checkpoints()[2:]) > 10000
+
+    for ckpt in (1, CKPTS // 2, CKPTS):
+        loaded, first = restore_and_watch(store, ckpt, tmp_path)
+        assert loaded == digests[ckpt - 1], f"RAM at cont differs from checkpoint {ckpt}"
+        assert abs(first - (tick_at[ckpt - 1] + 1)) <= 1, (ckpt, tick_at[ckpt - 1], first)
+
+
+def restore_and_watch(store: Path, ckpt: int, tmp_path: Path) -> tuple[bytes, int]:
+    """Restores ckpt into a new QEMU; returns the digest of its RAM when the device state was
+    in (just before cont) and the first tick the restored guest prints."""
+    log, pidfile = tmp_path / f"restored{ckpt}.log", tmp_path / f"restored{ckpt}.pid"
+    loaded: list[bytes] = []
+
+    async def go() -> int:
+        with open_store(store, readonly=True) as s:
+            task = asyncio.ensure_future(restore_qemu(
+                s, ckpt, [*qemu_argv(mem="128M", work="dirty", rate=5000, mb=48,
+                                     serial=f"file:{log}"), "-pidfile", str(pidfile)],
+                on_loaded=lambda image: loaded.append(
+                    hashlib.sha256(image.read_bytes()).digest())))
+            deadline = time.monotonic() + 60
+            while not last_tick(log) and not task.done():
+                assert time.monotonic() < deadline, "the restored guest printed no tick"
+                await asyncio.sleep(0.05)
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            return await task
+
+    assert asyncio.run(go()) == 0
+    return loaded[0], ticks(log.read_bytes())[0][0]
+
+
+class Run:
+    """`vmckpt -v run` of the test guest, its log lines collected as they come."""
+
+    def __init__(self, tmp_path: Path, *args: str, work: str = "dirty", rate: int = 0,
+                 guest_ticks: int = 0) -> None:
+        self.log, self.pidfile = tmp_path / "serial.log", tmp_path / "qemu.pid"
+        argv = [*qemu_argv(mem="256M", work=work, rate=rate, mb=96, ticks=guest_ticks,
+                           serial=f"file:{self.log}"), "-pidfile", str(self.pidfile)]
+        self.engine = subprocess.Popen([VMCKPT, "-v", "run", "--store",
+                                        str(tmp_path / "store"), "--interval", "0.5s", *args,
+                                        "--", *argv], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.engine.stderr
+        for line in self.engine.stderr:
+            self.lines.append(line)
+
+    def wait_line(self, text: str, count: int = 1) -> None:
+        wait_for(lambda: sum(text in line for line in self.lines) >= count, 60,
+                 f"{count} x {text!r} from the engine")
+
+    def wait_boot(self) -> None:
+        wait_for(lambda: last_tick(self.log) >= 1, 60, "the guest to boot")
+
+    def cleanup(self) -> None:
+        self.engine.kill()
+        self.engine.wait()
+        if self.pidfile.exists() and pid_alive(qemu := int(self.pidfile.read_text())):
+            os.kill(qemu, signal.SIGKILL)
+
+
+def assert_guest_runs_on(run: Run) -> None:
+    assert pid_alive(int(run.pidfile.read_text()))
+    before = last_tick(run.log)
+    wait_for(lambda: last_tick(run.log) >= before + 2, 20, "the guest to keep counting")
+
+
+@pytest.mark.parametrize("moment", ["draining", "pausing"])
+def test_engine_killed_leaves_qemu_running(tmp_path, moment):
+    # An unpaced guest rewrites its 96 MiB working set all the time: every drain is long.
+    run = Run(tmp_path, "--detach-on-exit")
+    try:
+        run.wait_boot()
+        seen = sum(moment in line for line in run.lines)
+        run.wait_line(moment, seen + 2)
+        run.engine.kill()
+        run.engine.wait()
+        assert_guest_runs_on(run)
+    finally:
+        run.cleanup()
+
+
+def test_guest_power_off_ends_the_run_with_qemu_status(tmp_path):
+    run = Run(tmp_path, work="idle", guest_ticks=4)
+    try:
+        assert run.engine.wait(timeout=120) == 0
+        assert ticks(run.log.read_bytes())[-1][0] == 4
+        with open_store(tmp_path / "store", readonly=True) as s:
+            assert len(s.list_checkpoints()) >= 5
+    finally:
+        run.cleanup()
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_ctrl_c(tmp_path, detach):
+    run = Run(tmp_path, *(["--detach-on-exit"] if detach else []), rate=5000)
+    try:
+        run.wait_boot()
+        run.engine.send_signal(signal.SIGINT)
+        assert run.engine.wait(timeout=60) == 0
+        if detach:
+            assert_guest_runs_on(run)
+        else:
+            wait_for(lambda: not run.pidfile.exists(), 10, "QEMU to stop")
+        with open_store(tmp_path / "store", readonly=True) as s:
+            assert s.list_checkpoints()
+            for rec in s.list_checkpoints():  # whatever was committed is whole
+                restore_image(s, rec["id"], tmp_path / "img", progress=False)
+    finally:
+        run.cleanup()
+
+
+def vmckpt(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VMCKPT, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_refusals_and_readable_restore_errors(tmp_path):
+    store = str(tmp_path / "store")
+    plain = qemu_argv(mem="128M", backend="none", serial="none")
+    r = vmckpt("run", "--store", store, "--", *plain)
+    assert r.returncode == 2 and "-object memory-backend-memfd,id=mem0,size=128M,share=on" \
+        in r.stderr, r.stderr
+    private = [*plain, "-object", "memory-backend-ram,id=m,size=128M",
+               "-machine", "memory-backend=m"]
+    r = vmckpt("run", "--store", store, "--", *private)
+    assert r.returncode == 2 and "memory-backend-ram" in r.stderr, r.stderr
+
+    r = vmckpt("run", "--store", store, "--add-memory-backend", "--max-checkpoints", "2",
+               "--interval", "0.3s", "--", *plain)
+    assert r.returncode == 0, r.stderr
+    r = vmckpt("restore", "--store", store, "1", "--", *plain[:-2], "-machine", "q35", "-serial",
+               "none")
+    assert r.returncode == 2 and "could not load checkpoint 1" in r.stderr, r.stderr
+    assert "qemu-system-x86_64" in r.stderr  # the checkpointed command line, to compare
+    r = vmckpt("restore", "--store", store, "1", "--", *qemu_argv(mem="256M"))
+    assert r.returncode == 2 and "128 MiB of guest RAM" in r.stderr, r.stderr
+
+    # A restored VM checkpointed on: a branch from checkpoint 2 (2 is not the newest).
+    r = vmckpt("run", "--store", store, "--add-memory-backend", "--max-checkpoints", "1",
+               "--", *plain)
+    assert r.returncode == 0, r.stderr
+    r = vmckpt("restore", "--store", store, "2", "--checkpoint", "--max-checkpoints", "3",
+               "--interval", "0.3s", "--", *plain)
+    assert r.returncode == 0, r.stderr
+    with open_store(store, readonly=True) as s:
+        branch = s.list_checkpoints()[3:]
+        assert [(c["id"], c["parent"]) for c in branch] == [(4, 2), (5, 4), (6, 5)]
+        # Its first checkpoint owes the restored RAM, which the store already holds.
+        assert branch[0]["dedup_hits"] > 0 and branch[0]["pages_stored_new"] < \
+            branch[0]["dedup_hits"]
+        for c in branch:
+            restore_image(s, c["id"], tmp_path / "img", progress=False)
