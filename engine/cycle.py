@@ -64,6 +64,7 @@ class Engine:
             t3 = time.perf_counter()
         finally:
             await self.target.resume()
+        self.tracker.release()
         t4 = time.perf_counter()
         log.debug("resumed after %.2f ms; draining %d owed pages", (t4 - t0) * 1e3,
                   arm.units_owed * (self.tracker.unit // PAGE))

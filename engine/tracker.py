@@ -91,6 +91,10 @@ class Tracker:
             raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns)
 
+    def release(self) -> None:
+        """Lets the copiers start on the armed checkpoint (call once the target resumed)."""
+        lib.trk_release(self._t)
+
     def collect(self, timeout_ms: int = 200) -> Collected | None:
         """Next copied pages of the checkpoint in flight; None once it is drained whole."""
         while True:

@@ -223,3 +223,30 @@ def test_refusals_and_readable_restore_errors(tmp_path):
             branch[0]["dedup_hits"]
         for c in branch:
             restore_image(s, c["id"], tmp_path / "img", progress=False)
+
+
+def test_serve_checkpoints_a_qemu_started_by_someone_else(tmp_path):
+    store, sock, qmp = tmp_path / "store", tmp_path / "engine.sock", tmp_path / "qmp.sock"
+    serve = subprocess.Popen([VMCKPT, "serve", "--store", str(store), "--socket", str(sock),
+                              "--qmp", str(qmp), "--interval", "0.3s", "--max-checkpoints", "3"],
+                             stderr=subprocess.PIPE, text=True)
+    qemu = None
+    try:
+        wait_for(sock.exists, 30, "vmckpt serve to listen")
+        # What a user's script or libvirt hook does: the preload library, the socket, a QMP.
+        env = {**os.environ, "VMCKPT_SOCKET": str(sock),
+               "LD_PRELOAD": vmckpt("preload-path").stdout.strip()}
+        qemu = subprocess.Popen([*qemu_argv(mem="128M", serial="none"),
+                                 "-qmp", f"unix:{qmp},server=on,wait=off"], env=env)
+        assert serve.wait(timeout=60) == 0, serve.communicate()[1]
+        assert qemu.poll() is None  # serve lets go of QEMU, which runs on
+        with open_store(store, readonly=True) as s:
+            recs = s.list_checkpoints()
+        assert len(recs) == 3
+        assert all(r["target"]["kind"] == "qemu" and r["device_state"] for r in recs)
+        assert recs[0]["target"]["argv"][0] == "qemu-system-x86_64"
+    finally:
+        serve.kill()
+        if qemu:
+            qemu.kill()
+            qemu.wait()

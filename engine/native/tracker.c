@@ -56,6 +56,7 @@ struct trk {
     atomic_uint_fast64_t cursor;     /* next owed[] slot a copier claims */
     atomic_uint_fast64_t remaining;  /* owed units not yet copied */
     int armed_once;
+    int released;        /* copiers may start on the owed set (q_lock) */
 
     /* Batches. Copiers draw from a bounded pool and wait when it is empty; the fault thread
      * never waits for space: its copies go to batches allocated on demand (bounded by the owed
@@ -265,7 +266,8 @@ static void *copier_main(void *arg)
         struct batch *b;
 
         pthread_mutex_lock(&t->q_lock);
-        while (!atomic_load(&t->stopping) && atomic_load(&t->cursor) >= t->owed_n)
+        while (!atomic_load(&t->stopping) &&
+               (!t->released || atomic_load(&t->cursor) >= t->owed_n))
             pthread_cond_wait(&t->q_work, &t->q_lock);
         while (!atomic_load(&t->stopping) && !t->free_pool.head) {
             atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
@@ -359,6 +361,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
         pthread_mutex_unlock(&t->q_lock);
         return -EBUSY; /* the previous checkpoint has not been collected whole */
     }
+    t->released = 0;
     pthread_mutex_unlock(&t->q_lock);
 
     pthread_mutex_lock(&t->arm_lock);
@@ -397,12 +400,16 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     atomic_store(&t->cursor, 0);
     t->armed_once = 1;
     pthread_mutex_unlock(&t->arm_lock);
-
-    pthread_mutex_lock(&t->q_lock);
-    pthread_cond_broadcast(&t->q_work);
-    pthread_mutex_unlock(&t->q_lock);
     st->arm_ns = now_ns() - t0;
     return rc;
+}
+
+void trk_release(trk_t *t)
+{
+    pthread_mutex_lock(&t->q_lock);
+    t->released = 1;
+    pthread_cond_broadcast(&t->q_work);
+    pthread_mutex_unlock(&t->q_lock);
 }
 
 /* True when every owed unit is copied and every batch handed over. Caller holds q_lock. */

@@ -33,6 +33,10 @@ typedef struct trk trk_t;
 
 trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen);
 int trk_arm(trk_t *t, struct trk_arm_stats *st);
+/* Lets the copiers start on the armed checkpoint: after the target resumed, so that they do
+ * not take CPU from what the pause is waiting for (QEMU saving its device state). Faults are
+ * served (copy-on-write included) from trk_arm on, released or not. */
+void trk_release(trk_t *t);
 int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t *zero,
                 int max_pages, int timeout_ms, int *done);
 void trk_get_stats(trk_t *t, struct trk_stats *st);
