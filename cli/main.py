@@ -67,14 +67,19 @@ def engine_options(f: Callable) -> Callable:
         click.option("--buffer", "buffer_size", default="64M", show_default=True,
                      help="Bound on copied pages waiting for the store."),
         click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
+        click.option("--tracking", type=click.Choice(["wp", "async"]), default="wp",
+                     show_default=True,
+                     help="wp: write faults drive copy-on-write; async: the kernel records "
+                          "writes (WP_ASYNC), the pause copies the written pages."),
     ]):
         f = opt(f)
     return f
 
 
-def _options(interval: str, copiers: int | None, buffer_size: str) -> EngineOptions:
+def _options(interval: str, copiers: int | None, buffer_size: str,
+             tracking: str) -> EngineOptions:
     return EngineOptions(interval=_duration(interval), copiers=copiers or os.cpu_count() or 1,
-                         buffer_bytes=_size(buffer_size))
+                         buffer_bytes=_size(buffer_size), tracking=tracking)
 
 
 ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError)
@@ -106,11 +111,11 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
               help="QEMU with plain -m SIZE: give it a shared memfd backend of that size.")
 @click.argument("argv", nargs=-1, required=True)
 def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
-        max_checkpoints: int | None, min_ram: str, attach_timeout: str, detach_on_exit: bool,
-        add_memory_backend: bool, argv: tuple[str, ...]) -> None:
+        max_checkpoints: int | None, tracking: str, min_ram: str, attach_timeout: str,
+        detach_on_exit: bool, add_memory_backend: bool, argv: tuple[str, ...]) -> None:
     """Start PROGRAM ARGS... (QEMU, or any program with shared guest RAM) and checkpoint it
     every interval until it exits or Ctrl-C."""
-    options = _options(interval, copiers, buffer_size)
+    options = _options(interval, copiers, buffer_size, tracking)
     _engine(lambda store: run_program(
         argv, store, options, attach_timeout=_duration(attach_timeout), min_ram=_size(min_ram),
         add_memory_backend=add_memory_backend, detach_on_exit=detach_on_exit,
@@ -126,10 +131,10 @@ def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
               help="QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off); vmckpt must be its "
                    "only client.")
 def serve(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
-          max_checkpoints: int | None, socket_path: Path, qmp_path: Path) -> None:
+          max_checkpoints: int | None, tracking: str, socket_path: Path, qmp_path: Path) -> None:
     """Checkpoint a QEMU started by someone else with LD_PRELOAD=$(vmckpt preload-path) and
     VMCKPT_SOCKET=SOCKET, until it exits or Ctrl-C (QEMU keeps running)."""
-    options = _options(interval, copiers, buffer_size)
+    options = _options(interval, copiers, buffer_size, tracking)
     _engine(lambda store: serve_qemu(socket_path, qmp_path, store, options,
                                      max_checkpoints=max_checkpoints), store_path, "serve")
 
@@ -156,7 +161,7 @@ def _ckpt(text: str) -> int | str:
 @click.argument("argv", nargs=-1)
 def restore(store_path: Path, image: Path | None, workers: int, paused: bool, checkpoint: bool,
             interval: str, copiers: int | None, buffer_size: str, max_checkpoints: int | None,
-            ckpt: str, argv: tuple[str, ...]) -> None:
+            tracking: str, ckpt: str, argv: tuple[str, ...]) -> None:
     """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
     -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM), or with
     --image into a RAM image file, bit-exact."""
@@ -172,7 +177,7 @@ def restore(store_path: Path, image: Path | None, workers: int, paused: bool, ch
         return
     if not argv:
         _fail("give --image FILE, or the QEMU command line after --")
-    options = _options(interval, copiers, buffer_size) if checkpoint else None
+    options = _options(interval, copiers, buffer_size, tracking) if checkpoint else None
     _engine(lambda store: restore_qemu(store, which, argv, paused=paused, checkpoint=options,
                                        max_checkpoints=max_checkpoints), store_path, argv[0],
             create=False)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Mirrors struct vmckpt_handoff in native/handoff.h.
-_HANDOFF = struct.Struct("<8sIIQQQQII256s")
+_HANDOFF = struct.Struct("<8sIIQQQQIIQ256s")
 _MAGIC = b"VMCKPT\x00\x01"
-_VERSION = 1
+_VERSION = 2
 _PEERCRED = struct.Struct("3i")
 log = logging.getLogger("vmckpt")
 SOCKET_ENV = "VMCKPT_SOCKET"
@@ -27,7 +27,7 @@ class HandoffError(Exception):
 
 @dataclass
 class GuestRam:
-    """One region of guest RAM handed over by a VMM: the engine owns both fds from here on."""
+    """One region of guest RAM handed over by a VMM: the engine owns its fds from here on."""
 
     uffd: int
     ramfd: int
@@ -38,13 +38,14 @@ class GuestRam:
     pid: int
     page_size: int
     path: str
+    async_uffd: int = -1  # unregistered, with UFFD_FEATURE_WP_ASYNC; -1 if the kernel lacks it
 
     def close(self) -> None:
-        for fd in (self.uffd, self.ramfd):
+        for fd in (self.uffd, self.ramfd, self.async_uffd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.uffd = self.ramfd = -1
+        self.uffd = self.ramfd = self.async_uffd = -1
 
 
 def preload_path() -> Path:
@@ -56,17 +57,17 @@ def preload_path() -> Path:
 
 
 def _parse(data: bytes, fds: list[int], peer_pid: int) -> GuestRam:
-    if len(fds) != 2:
+    if len(fds) not in (2, 3):
         for fd in fds:
             os.close(fd)
-        raise HandoffError(f"expected 2 file descriptors, got {len(fds)}")
-    ram = GuestRam(fds[0], fds[1], 0, 0, 0, 0, peer_pid, 4096, "")
+        raise HandoffError(f"expected 2 or 3 file descriptors, got {len(fds)}")
+    ram = GuestRam(fds[0], fds[1], 0, 0, 0, 0, peer_pid, 4096, "",
+                   fds[2] if len(fds) == 3 else -1)
     if len(data) != _HANDOFF.size:
         ram.close()
         raise HandoffError(f"handoff of {len(data)} bytes, expected {_HANDOFF.size}")
-    magic, version, size, addr, length, offset, features, pid, page_size, path = _HANDOFF.unpack(
-        data
-    )
+    (magic, version, size, addr, length, offset, features, pid, page_size, _async_features,
+     path) = _HANDOFF.unpack(data)
     if magic != _MAGIC or version != _VERSION or size != _HANDOFF.size:
         ram.close()
         raise HandoffError("handoff from a preload library of another vmckpt version")
@@ -107,7 +108,7 @@ class HandoffListener:
                 conn.setblocking(True)
                 conn.settimeout(5)
                 try:
-                    data, fds, _flags, _addr = socket.recv_fds(conn, _HANDOFF.size, 2)
+                    data, fds, _flags, _addr = socket.recv_fds(conn, _HANDOFF.size, 3)
                     if uid not in (os.getuid(), 0):
                         for fd in fds:
                             os.close(fd)
@@ -130,7 +131,7 @@ class HandoffListener:
                 conn.setblocking(True)
                 conn.settimeout(5)
                 with contextlib.suppress(OSError):
-                    _data, fds, _f, _a = socket.recv_fds(conn, _HANDOFF.size, 2)
+                    _data, fds, _f, _a = socket.recv_fds(conn, _HANDOFF.size, 3)
                     for fd in fds:
                         os.close(fd)
                     conn.sendall(b"n")

@@ -100,7 +100,8 @@ class TrackedProgram:
 
     @classmethod
     async def start(cls, argv: Sequence[str], sock: Path, *, copiers: int | None = None,
-                    buffer_bytes: int = 64 << 20, attach_timeout: float = 30.0,
+                    buffer_bytes: int = 64 << 20, tracking: str = "wp",
+                    attach_timeout: float = 30.0,
                     min_ram: int = 32 << 20, add_memory_backend: bool = False,
                     stdin: int | None = None, stdout: int | None = None,
                     stderr: int | None = None) -> TrackedProgram:
@@ -117,7 +118,8 @@ class TrackedProgram:
         target: Target | None = None
         tracker = None
         try:
-            tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes)
+            tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes,
+                              tracking=tracking)
             if is_qemu(argv):
                 target = await QemuTarget.connect(qmp_path, proc.pid, ram.length, name=name,
                                                   argv=argv, timeout=attach_timeout)
@@ -173,6 +175,7 @@ async def run_program(argv: Sequence[str], store: PageStore, options: EngineOpti
         prog = await TrackedProgram.start(argv, Path(tmp) / "engine.sock",
                                           copiers=options.copiers,
                                           buffer_bytes=options.buffer_bytes,
+                                          tracking=options.tracking,
                                           attach_timeout=attach_timeout, min_ram=min_ram,
                                           add_memory_backend=add_memory_backend)
         return await checkpoint_program(prog, store, options, **how)
@@ -222,7 +225,8 @@ async def serve(socket_path: Path, qmp_path: Path, store: PageStore, options: En
     try:
         log.info("waiting for QEMU's guest RAM on %s", socket_path)
         ram = await listener.accept()
-        tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes)
+        tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes,
+                          tracking=options.tracking)
     except BaseException:
         listener.close()
         raise

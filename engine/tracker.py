@@ -11,6 +11,7 @@ from vmckpt.engine.handoff import GuestRam
 
 PAGE = 4096
 ID_BYTES = 32
+TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC}
 
 
 class TrackerError(Exception):
@@ -24,6 +25,7 @@ class ArmStats:
     faults: int
     dirty_units: int
     arm_ns: int
+    copied_in_arm: int
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Tracker:
     """Owns the guest RAM handoff: the uffd (closing it lets the VMM run on untracked)."""
 
     def __init__(self, ram: GuestRam, *, copiers: int | None = None,
-                 buffer_bytes: int = 64 << 20, collect_pages: int = 2048) -> None:
+                 buffer_bytes: int = 64 << 20, collect_pages: int = 2048,
+                 tracking: str = "wp") -> None:
         unit = ram.page_size if ram.page_size > PAGE else PAGE
         if ram.length % unit:
             raise TrackerError(f"guest RAM of {ram.length} bytes is not a whole number of "
@@ -62,17 +65,33 @@ class Tracker:
         self.unit = unit
         self.npages = ram.length // PAGE
         self.copiers = copiers or os.cpu_count() or 1
+        if tracking not in TRACKING:
+            raise TrackerError(f"unknown tracking {tracking!r}: one of {', '.join(TRACKING)}")
+        pagemap = -1
+        if tracking == "async":
+            if ram.async_uffd < 0:
+                raise TrackerError("async tracking needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN "
+                                   "(Linux 6.7+); this kernel has no WP_ASYNC: use --tracking wp")
+            pagemap = os.open(f"/proc/{ram.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.tracking = tracking
         cfg = ffi.new("struct trk_config *", {
             "uffd": ram.uffd, "ramfd": ram.ramfd, "target_base": ram.addr,
             "length": ram.length, "offset": ram.offset, "unit": unit,
             "copiers": self.copiers, "buffer_bytes": buffer_bytes, "owe_all": 0,
+            "tracking": TRACKING[tracking],
+            "async_uffd": ram.async_uffd if tracking == "async" else -1, "pagemap_fd": pagemap,
         })
         err = ffi.new("char[256]")
         self._t = lib.trk_create(cfg, err, len(err))
         if self._t == ffi.NULL:
+            ram.uffd = -1  # closed by the native side
+            if tracking == "async":
+                ram.async_uffd = -1
             raise TrackerError(ffi.string(err).decode())
         self.uffd = ram.uffd  # for baselines measured on the same registration
-        ram.uffd = -1  # the tracker closes it
+        ram.uffd = -1  # the tracker closes them
+        if tracking == "async":
+            ram.async_uffd = -1
         cap = max(collect_pages, unit // PAGE)
         self._pages = np.empty((cap, PAGE), np.uint8)
         self._ids = np.empty((cap, ID_BYTES), np.uint8)
@@ -89,7 +108,8 @@ class Tracker:
         rc = lib.trk_arm(self._t, st)
         if rc < 0:
             raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
-        return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns)
+        return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,
+                        st.copied_in_arm)
 
     def release(self) -> None:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""

@@ -24,14 +24,16 @@ def check_all(store_path, refs, tmp_path) -> None:
             assert got == ref, f"checkpoint {rec['id']} differs from guest RAM at its pause"
 
 
-def test_consistency_random_writes_racing_the_copiers(tmp_path):
+@pytest.mark.parametrize("tracking", ["wp", "async"])
+def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking):
     # Fast, mixed writes (partial, duplicate, zero, fresh pages in never-touched holes) while
     # one copier with a small buffer drains.
     store = tmp_path / "store"
     refs = run_with_references(
         store, synth("--size", "32M", "--fill", "0.3", "--rate", "0", "--pattern", "uniform",
                      "--dup", "0.2", "--zero", "0.1", "--partial", "0.4", "--seed", "7"),
-        checkpoints=50, options=EngineOptions(interval=0.02, copiers=1, buffer_bytes=1 << 20))
+        checkpoints=50, options=EngineOptions(interval=0.02, copiers=1, buffer_bytes=1 << 20,
+                                              tracking=tracking))
     check_all(store, refs, tmp_path)
 
 
@@ -67,18 +69,22 @@ def test_writes_during_the_drain_take_copy_on_write(tmp_path):
     check_all(tmp_path / "store", refs, tmp_path)
 
 
+@pytest.mark.parametrize("tracking", ["wp", "async"])
 @pytest.mark.parametrize("pattern", ["hot", "seq"])
-def test_consistency_patterns(tmp_path, pattern):
+def test_consistency_patterns(tmp_path, pattern, tracking):
     store = tmp_path / "store"
     refs = run_with_references(
         store, synth("--size", "32M", "--fill", "0.5", "--rate", "50000", "--pattern", pattern,
-                     "--partial", "0.5", "--seed", "3"), checkpoints=20)
+                     "--partial", "0.5", "--seed", "3"), checkpoints=20,
+        options=EngineOptions(interval=0.05, tracking=tracking))
     check_all(store, refs, tmp_path)
 
 
-def test_consistency_hugetlb(tmp_path, hugepages):
+@pytest.mark.parametrize("tracking", ["wp", "async"])
+def test_consistency_hugetlb(tmp_path, hugepages, tracking):
     store = tmp_path / "store"
     refs = run_with_references(
         store, synth("--size", "64M", "--hugetlb", "--fill", "0.5", "--rate", "20000",
-                     "--partial", "0.5", "--seed", "5"), checkpoints=10)
+                     "--partial", "0.5", "--seed", "5"), checkpoints=10,
+        options=EngineOptions(interval=0.05, tracking=tracking))
     check_all(store, refs, tmp_path)

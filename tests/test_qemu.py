@@ -37,7 +37,8 @@ def wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path):
+@pytest.mark.parametrize("tracking", ["wp", "async"])
+def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path, tracking):
     store, log = tmp_path / "store", tmp_path / "serial.log"
     digests: list[bytes] = []
     tick_at: list[int] = []
@@ -58,7 +59,8 @@ def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path):
         with open_store(store, create=True) as s:
             await run_program(qemu_argv(mem="128M", work="dirty", rate=5000, mb=48,
                                         serial=f"file:{log}"),
-                              s, EngineOptions(interval=0.5), max_checkpoints=120,
+                              s, EngineOptions(interval=0.5, tracking=tracking),
+                              max_checkpoints=120,
                               stop=enough, on_engine=hook)
 
     asyncio.run(run())

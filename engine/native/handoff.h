@@ -1,11 +1,12 @@
-/* The message the preload library sends the engine, with SCM_RIGHTS [uffd, ramfd]; no padding.
- * Mirrored by vmckpt/engine/handoff.py (struct format "<8sIIQQQQII256s"). */
+/* The message the preload library sends the engine, with SCM_RIGHTS [uffd, ramfd] or
+ * [uffd, ramfd, async_uffd]; no padding. Mirrored by vmckpt/engine/handoff.py (struct format
+ * "<8sIIQQQQIIQ256s"). */
 #pragma once
 #include <stdint.h>
 
 #define VMCKPT_SOCKET_ENV "VMCKPT_SOCKET"
 #define VMCKPT_HANDOFF_MAGIC "VMCKPT\0\1"
-#define VMCKPT_HANDOFF_VERSION 1
+#define VMCKPT_HANDOFF_VERSION 2
 
 struct vmckpt_handoff {
     char magic[8];
@@ -17,5 +18,6 @@ struct vmckpt_handoff {
     uint64_t features;   /* UFFD features enabled on the uffd */
     uint32_t pid;        /* the VMM (also checked with SO_PEERCRED) */
     uint32_t page_size;  /* 4096, or the hugetlbfs page size */
+    uint64_t async_features; /* UFFD features of the async uffd (0: none sent) */
     char path[256];      /* what /proc/self/fd/N says of the RAM fd, for messages */
 };

@@ -39,6 +39,10 @@
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
 #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
 #endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#define WP_FEATURES (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED)
 
 typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
 
@@ -85,27 +89,30 @@ static int is_guest_ram(int fd, size_t len, int flags, int prot, char *path, siz
     return 1;
 }
 
-static int make_uffd(uint64_t *features)
+/* Features the kernel offers. UFFDIO_API works once per fd and reports every available
+ * feature, so ask on a spare fd. */
+static int64_t probe_features(void)
 {
     struct uffdio_api api = {.api = UFFD_API};
-    int probe, uffd;
-
-    /* UFFDIO_API works once per fd and reports every available feature: probe on a spare fd. */
-    probe = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    int probe = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (probe < 0)
         return -errno;
     if (ioctl(probe, UFFDIO_API, &api) < 0) {
+        int e = errno;
         close(probe);
-        return -errno;
+        return -e;
     }
     close(probe);
-    if (!(api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM))
-        return -ENOTSUP;
-    uffd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    return (int64_t)api.features;
+}
+
+/* A uffd with the offered subset of wanted; *features says which it got. */
+static int make_uffd(uint64_t offered, uint64_t wanted, uint64_t *features)
+{
+    struct uffdio_api api = {.api = UFFD_API, .features = offered & wanted};
+    int uffd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (uffd < 0)
         return -errno;
-    api.api = UFFD_API;
-    api.features = api.features & (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED);
     if (ioctl(uffd, UFFDIO_API, &api) < 0) {
         int e = errno;
         close(uffd);
@@ -115,15 +122,16 @@ static int make_uffd(uint64_t *features)
     return uffd;
 }
 
-static int send_handoff(const char *sock_path, int uffd, int ramfd, const struct vmckpt_handoff *h)
+static int send_handoff(const char *sock_path, const int *fds, int nfds,
+                        const struct vmckpt_handoff *h)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    char cbuf[CMSG_SPACE(2 * sizeof(int))];
+    char cbuf[CMSG_SPACE(3 * sizeof(int))];
     struct iovec iov = {.iov_base = (void *)h, .iov_len = sizeof *h};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-                         .msg_controllen = sizeof cbuf};
+                         .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
     struct cmsghdr *c;
-    int s, fds[2] = {uffd, ramfd};
+    int s;
     struct timeval ack_timeout = {.tv_sec = 10};
     char ack;
 
@@ -142,8 +150,8 @@ static int send_handoff(const char *sock_path, int uffd, int ramfd, const struct
     c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof fds);
-    memcpy(CMSG_DATA(c), fds, sizeof fds);
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
     if (sendmsg(s, &msg, MSG_NOSIGNAL) != (ssize_t)sizeof *h) {
         int e = errno ? errno : EIO;
         close(s);
@@ -166,15 +174,19 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
     const char *sock_path = getenv(VMCKPT_SOCKET_ENV);
     struct vmckpt_handoff h;
     struct uffdio_register reg;
-    uint64_t features = 0;
-    int uffd, rc;
+    uint64_t features = 0, async_features = 0;
+    int64_t offered;
+    int uffd, async_uffd = -1, rc, fds[3];
 
     if (!sock_path || !*sock_path)
         return;
     memset(&h, 0, sizeof h);
     if (!is_guest_ram(fd, len, flags, prot, h.path, sizeof h.path, &h.page_size))
         return;
-    uffd = make_uffd(&features);
+    offered = probe_features();
+    uffd = offered < 0 ? (int)offered
+           : !(offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) ? -ENOTSUP
+           : make_uffd((uint64_t)offered, WP_FEATURES, &features);
     if (uffd < 0) {
         warn_once("cannot create a userfaultfd (%s)%s; guest RAM runs untracked",
                   strerror(-uffd), "");
@@ -197,10 +209,19 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
     h.offset = (uint64_t)off;
     h.features = features;
     h.pid = (uint32_t)getpid();
-    rc = send_handoff(sock_path, uffd, fd, &h);
-    /* Closing our copy unregisters nothing while the engine holds the fd; if the handoff failed
-     * it drops the registration, and the VMM runs on as if we were never here. */
+    /* A second, unregistered uffd for the engine's async tracking (the kernel records writes
+     * itself); the engine moves the range onto it. Only where the kernel has WP_ASYNC. */
+    if (offered & UFFD_FEATURE_WP_ASYNC)
+        async_uffd = make_uffd((uint64_t)offered, WP_FEATURES | UFFD_FEATURE_WP_ASYNC,
+                               &async_features);
+    h.async_features = async_uffd >= 0 ? async_features : 0;
+    fds[0] = uffd, fds[1] = fd, fds[2] = async_uffd;
+    rc = send_handoff(sock_path, fds, async_uffd >= 0 ? 3 : 2, &h);
+    /* Closing our copies unregisters nothing while the engine holds the fds; if the handoff
+     * failed it drops the registration, and the VMM runs on as if we were never here. */
     close(uffd);
+    if (async_uffd >= 0)
+        close(async_uffd);
     if (rc < 0)
         warn_once("no engine took guest RAM at %s (%s); guest RAM runs untracked", sock_path,
                   strerror(-rc));

@@ -56,6 +56,7 @@ struct trk {
     atomic_uint_fast64_t cursor;     /* next owed[] slot a copier claims */
     atomic_uint_fast64_t remaining;  /* owed units not yet copied */
     int armed_once;
+    int async_on;        /* TRK_ASYNC: the range is on the async uffd (after the first arm) */
     int released;        /* copiers may start on the owed set (q_lock) */
 
     /* Batches. Copiers draw from a bounded pool and wait when it is empty; the fault thread
@@ -183,8 +184,9 @@ static void bump_hist(struct trk *t, uint64_t ns)
     atomic_fetch_add_explicit(&t->hist[b < 48 ? b : 47], 1, memory_order_relaxed);
 }
 
-/* Copy-on-write into the fault thread's own batch: never waits for pool space. */
-static void cow_copy(struct trk *t, uint64_t u)
+/* Copies unit u into an on-demand batch (never the bounded pool): copy-on-write in the fault
+ * thread, which must not wait, and the stop-and-copy of async arms. */
+static void copy_unpooled(struct trk *t, uint64_t u)
 {
     pthread_mutex_lock(&t->cow_lock);
     if (!t->cow_cur) {
@@ -207,7 +209,6 @@ static void cow_copy(struct trk *t, uint64_t u)
         t->cow_cur = NULL;
     }
     pthread_mutex_unlock(&t->cow_lock);
-    atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
 }
 
 static void serve_fault(struct trk *t, uint64_t addr)
@@ -218,9 +219,10 @@ static void serve_fault(struct trk *t, uint64_t addr)
     if (u >= t->nunits)
         return;
     pthread_mutex_lock(&t->arm_lock);
-    if (claim_unit(t, u))
-        cow_copy(t, u);
-    else
+    if (claim_unit(t, u)) {
+        copy_unpooled(t, u);
+        atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
+    } else
         /* A copier holds it: its copy takes a microsecond; the page stays protected until then. */
         while (atomic_load_explicit(&t->st[u], memory_order_acquire) == ST_COPYING)
             __builtin_ia32_pause();
@@ -350,6 +352,77 @@ int trk_wp_units(int uffd, uint64_t base, const uint64_t *units, uint64_t n, uin
     return 0;
 }
 
+/* PAGEMAP_SCAN (Linux 6.7+; the installed headers are older). */
+struct pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct page_region {
+    uint64_t start, end, categories;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#define PAGE_IS_WRITTEN (1 << 1)
+
+/* Units written since the last scan, into t->owed; re-protects them in the same walk. */
+static int scan_written(struct trk *t, uint64_t *n)
+{
+    struct page_region regs[512];
+    uint64_t base = t->cfg.target_base, end = base + t->cfg.length, start = base;
+
+    *n = 0;
+    while (start < end) {
+        struct pm_scan_arg a = {
+            .size = sizeof a, .flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            .start = start, .end = end, .vec = (uintptr_t)regs, .vec_len = 512,
+            .category_mask = PAGE_IS_WRITTEN, .return_mask = PAGE_IS_WRITTEN,
+        };
+        int r = ioctl(t->cfg.pagemap_fd, PAGEMAP_SCAN, &a);
+        if (r < 0)
+            return -errno;
+        for (int i = 0; i < r; i++)
+            for (uint64_t u = (regs[i].start - base) / t->cfg.unit;
+                 u < (regs[i].end - base + t->cfg.unit - 1) / t->cfg.unit; u++)
+                if (!*n || t->owed[*n - 1] != u)
+                    t->owed[(*n)++] = u;
+        /* walk_end can stop short of end even when the walk is complete: a short vector is
+         * the reliable end. */
+        if (r < 512)
+            break;
+        start = a.walk_end;
+    }
+    return 0;
+}
+
+/* Moves the range from the sync uffd to the async one and protects all of it there. */
+static int go_async(struct trk *t)
+{
+    struct uffdio_range r = {.start = t->cfg.target_base, .len = t->cfg.length};
+    struct uffdio_register reg = {.range = r, .mode = UFFDIO_REGISTER_MODE_WP};
+
+    if (ioctl(t->cfg.uffd, UFFDIO_UNREGISTER, &r) < 0 ||
+        ioctl(t->cfg.async_uffd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    t->async_on = 1;
+    return trk_wp_range(t->cfg.async_uffd, r.start, r.len, 1);
+}
+
+/* The dirty bitmap (sync faults) into t->owed; clears it. Scans 64 units per word. */
+static uint64_t take_dirty(struct trk *t)
+{
+    uint64_t n = 0, words = (t->nunits + 63) / 64;
+    for (uint64_t w = 0; w < words; w++) {
+        uint64_t bits = t->dirty[w];
+        t->dirty[w] = 0;
+        while (bits) {
+            t->owed[n++] = w * 64 + (uint64_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+        }
+    }
+    return n;
+}
+
 int trk_arm(trk_t *t, struct trk_arm_stats *st)
 {
     uint64_t t0 = now_ns(), n = 0;
@@ -373,21 +446,27 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
         t->owed_n = n;
         rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base, t->cfg.length, 1);
         st->runs = 1;
-    } else {
-        /* owed <- dirty; dirty <- {}; protect the owed set. Scans 64 units per word. */
-        uint64_t words = (t->nunits + 63) / 64;
-        for (uint64_t w = 0; w < words; w++) {
-            uint64_t bits = t->dirty[w];
-            if (!bits)
-                continue;
-            t->dirty[w] = 0;
-            while (bits) {
-                uint64_t u = w * 64 + (uint64_t)__builtin_ctzll(bits);
-                bits &= bits - 1;
-                atomic_store_explicit(&t->st[u], ST_OWED, memory_order_relaxed);
-                t->owed[n++] = u;
-            }
+    } else if (t->cfg.tracking == TRK_ASYNC) {
+        /* The written set, copied now while the target is paused; nothing is left owed. */
+        if (t->async_on) {
+            rc = scan_written(t, &n);
+        } else {
+            n = take_dirty(t); /* written under the sync uffd since the first arm */
+            rc = go_async(t);
         }
+        st->runs = 1;
+        for (uint64_t i = 0; i < n && !rc; i++) {
+            atomic_store_explicit(&t->st[t->owed[i]], ST_COPYING, memory_order_relaxed);
+            atomic_fetch_add(&t->remaining, 1);
+            copy_unpooled(t, t->owed[i]);
+        }
+        st->copied_in_arm = n;
+        t->owed_n = 0;
+    } else {
+        /* owed <- dirty; dirty <- {}; protect the owed set. */
+        n = take_dirty(t);
+        for (uint64_t i = 0; i < n; i++)
+            atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
         t->owed_n = n;
         rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit, &st->runs);
     }
@@ -396,7 +475,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     st->faults = atomic_load(&t->faults) - t->faults_at_arm;
     t->faults_at_arm = atomic_load(&t->faults);
     st->units_owed = n;
-    atomic_store(&t->remaining, n);
+    atomic_store(&t->remaining, t->owed_n);
     atomic_store(&t->cursor, 0);
     t->armed_once = 1;
     pthread_mutex_unlock(&t->arm_lock);
@@ -606,6 +685,10 @@ void trk_destroy(trk_t *t)
     /* Closing the uffd drops the registration: the VMM runs on untracked. */
     if (t->cfg.uffd >= 0)
         close(t->cfg.uffd);
+    if (t->cfg.async_uffd >= 0)
+        close(t->cfg.async_uffd);
+    if (t->cfg.pagemap_fd >= 0)
+        close(t->cfg.pagemap_fd);
     while ((b = q_pop(&t->free_pool)))
         batch_free(b);
     while ((b = q_pop(&t->ready)))

@@ -11,7 +11,17 @@ struct trk_config {
     int copiers;            /* copier threads */
     uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages held by copiers */
     int owe_all;            /* first arm owes every unit instead of SEEK_DATA's populated set */
+    int tracking;           /* TRK_WP or TRK_ASYNC (below) */
+    int async_uffd;         /* TRK_ASYNC: an unregistered uffd with UFFD_FEATURE_WP_ASYNC (owned) */
+    int pagemap_fd;         /* TRK_ASYNC: the target's /proc/PID/pagemap, for PAGEMAP_SCAN (owned) */
 };
+
+/* TRK_WP: every first write after a checkpoint faults to the fault thread (copy-on-write).
+ * TRK_ASYNC: after the first checkpoint, the kernel records writes itself (WP_ASYNC, no fault
+ * round trip); each arm finds them with one PAGEMAP_SCAN that also re-protects them, and copies
+ * them before returning (stop-and-copy of the dirty set). */
+#define TRK_WP 0
+#define TRK_ASYNC 1
 
 struct trk_arm_stats {
     uint64_t units_owed;    /* units owed to the checkpoint just armed */
@@ -19,6 +29,7 @@ struct trk_arm_stats {
     uint64_t faults;        /* write faults served since the previous arm (each dirtied a unit) */
     uint64_t dirty_units;   /* units dirtied since the previous arm (== units_owed after the first) */
     uint64_t arm_ns;        /* time spent inside trk_arm */
+    uint64_t copied_in_arm; /* TRK_ASYNC: units copied inside trk_arm */
 };
 
 struct trk_stats {            /* counts since trk_create */

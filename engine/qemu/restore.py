@@ -72,7 +72,8 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
             if checkpoint:
                 prog = await TrackedProgram.start(
                     qemu_argv, sock, copiers=checkpoint.copiers,
-                    buffer_bytes=checkpoint.buffer_bytes, attach_timeout=attach_timeout,
+                    buffer_bytes=checkpoint.buffer_bytes, tracking=checkpoint.tracking,
+                    attach_timeout=attach_timeout,
                     stderr=asyncio.subprocess.PIPE)
                 proc, qmp = prog.proc, prog.target.qmp  # type: ignore[attr-defined]
             else:
