@@ -217,3 +217,6 @@ def ls(store_path: Path, as_json: bool) -> None:
 def preload_path_cmd() -> None:
     """Print the preload library's path (for LD_PRELOAD)."""
     click.echo(preload_path())
+
+
+from vmckpt.cli import bench as _bench  # noqa: E402,F401 (registers `vmckpt bench`)

@@ -23,6 +23,21 @@ class EngineOptions:
     copiers: int = field(default_factory=lambda: os.cpu_count() or 1)
     buffer_bytes: int = 64 << 20
     tracking: str = "wp"
+    pre_arm: float = 0.0  # seconds before each pause to do its dirty-set work (0: off)
+
+
+@dataclass
+class _Copied:
+    """Pages of one checkpoint moved into the store, not yet in its map."""
+
+    pfns: list[np.ndarray] = field(default_factory=list)
+    ids: list[np.ndarray] = field(default_factory=list)
+    new: int = 0
+    dup: int = 0
+    bytes: int = 0
+    zero: int = 0
+    dirtied: int = 0
+    seconds: float = 0.0  # time of the pre-arm that began it
 
 
 class Engine:
@@ -46,6 +61,7 @@ class Engine:
             raise ValueError(f"checkpoint {parent} has {self.current.npages} pages, the guest "
                              f"{tracker.npages}")
         self.records: list[dict] = []
+        self._pre: _Copied | None = None
 
     async def checkpoint(self, *, stretched: bool = False) -> dict:
         """One whole cycle; returns the committed record."""
@@ -68,8 +84,11 @@ class Engine:
         t4 = time.perf_counter()
         log.debug("resumed after %.2f ms; draining %d owed pages", (t4 - t0) * 1e3,
                   arm.units_owed * (self.tracker.unit // PAGE))
-        drained = await asyncio.to_thread(self._drain, extra)
-        delta = drained.pop("delta")
+        copied, self._pre = self._pre or _Copied(), None
+        pre_pages = sum(len(p) for p in copied.pfns)
+        device = await asyncio.to_thread(put_blob, self.store, extra) if extra else None
+        await asyncio.to_thread(self._drain, copied)
+        delta = self._delta(copied)
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
         p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
@@ -77,8 +96,10 @@ class Engine:
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
             "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name,
                                          "argv": self.target.argv},
-            "pages_dirtied": arm.units_owed * (self.tracker.unit // PAGE),
-            **drained,
+            "pages_dirtied": copied.dirtied, "pages_stored_new": copied.new,
+            "dedup_hits": copied.dup, "zero_pages": copied.zero, "bytes_added": copied.bytes,
+            "pages_changed": len(delta.pfns), "device_state": device,
+            "pre_armed": {"pages": pre_pages, "seconds": copied.seconds},
             "pause": t4 - t0,
             "pause_parts": {"stop": t1 - t0, "arm": t2 - t1, "extra": t3 - t2, "resume": t4 - t3},
             "wp_runs": arm.runs, "copied_in_pause": arm.copied_in_arm, "faults": arm.faults,
@@ -95,33 +116,58 @@ class Engine:
         self.records.append(record)
         return record
 
-    def _drain(self, extra: bytes | None) -> dict:
-        """Moves every owed page (and the device state) into the store; returns the figures
-        and the map delta."""
-        device = put_blob(self.store, extra) if extra else None
-        pfns, ids = [], []
-        new = dup = nbytes = zero = 0
+    def _drain(self, into: _Copied) -> None:
+        """Moves every copied page of the armed checkpoint into the store."""
         while (got := self.tracker.collect()) is not None:
             res = self.store.put_pages(got.ids, got.pages)
-            new, dup, nbytes = new + res.new, dup + res.dup, nbytes + res.bytes
-            zero += int(got.zero.sum())
-            pfns.append(got.pfns.copy())
-            ids.append(got.ids.copy())
-        delta = MapDelta(np.concatenate(pfns) if pfns else np.empty(0, np.uint64),
-                         np.concatenate(ids) if ids else np.empty((0, 32), np.uint8))
+            into.new, into.dup, into.bytes = into.new + res.new, into.dup + res.dup, \
+                into.bytes + res.bytes
+            into.zero += int(got.zero.sum())
+            into.pfns.append(got.pfns.copy())
+            into.ids.append(got.ids.copy())
+
+    def _delta(self, copied: _Copied) -> MapDelta:
+        """The map delta of the copied pages against the current map, applied to it."""
+        pfns = np.concatenate(copied.pfns) if copied.pfns else np.empty(0, np.uint64)
+        ids = np.concatenate(copied.ids) if copied.ids else np.empty((0, 32), np.uint8)
+        # A pre-armed page written again before the pause was copied again: the later wins.
+        _, last = np.unique(pfns[::-1], return_index=True)
+        keep = len(pfns) - 1 - last
+        pfns, ids = pfns[keep], ids[keep]
+        copied.dirtied = len(pfns)
         # Owed pages rewritten with their old content change nothing in the map.
-        changed = (self.current.ids[delta.pfns.astype(np.int64)] != delta.ids).any(axis=1)
-        delta = MapDelta(delta.pfns[changed], delta.ids[changed])
+        changed = (self.current.ids[pfns.astype(np.int64)] != ids).any(axis=1)
+        delta = MapDelta(pfns[changed], ids[changed])
         self.current.apply(delta)
-        return {"device_state": device, "pages_stored_new": new, "dedup_hits": dup,
-                "zero_pages": zero, "bytes_added": nbytes, "pages_changed": len(delta.pfns),
-                "delta": delta}
+        return delta
+
+    async def pre_arm(self) -> None:
+        """The next checkpoint's dirty-set work ahead of its pause, with the target running:
+        arm (protect or scan the pages written so far) and drain them. The pause then handles
+        only pages written since; any of these written again is copied again, and that copy
+        wins (a write after the arm faults or is recorded, so it is never missed)."""
+        if len(self.records) < 2 or self._pre:  # tracking is set up by the first two
+            return
+        t0 = time.perf_counter()
+        self.tracker.arm()
+        self.tracker.release()
+        pre = _Copied()
+        await asyncio.to_thread(self._drain, pre)
+        pre.seconds = time.perf_counter() - t0
+        self._pre = pre
 
     async def run(self, stop: asyncio.Event, max_checkpoints: int | None = None) -> None:
         """Checkpoints every interval until stop is set; the one in flight always completes."""
         next_at = time.monotonic()
         stretched = False
         while not stop.is_set():
+            lead = self.options.pre_arm
+            if lead and next_at - time.monotonic() > lead:
+                try:
+                    await asyncio.wait_for(stop.wait(), next_at - time.monotonic() - lead)
+                    break
+                except TimeoutError:
+                    await self.pre_arm()
             delay = next_at - time.monotonic()
             if delay > 0:
                 try:

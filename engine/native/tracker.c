@@ -58,6 +58,7 @@ struct trk {
     int armed_once;
     int async_on;        /* TRK_ASYNC: the range is on the async uffd (after the first arm) */
     int released;        /* copiers may start on the owed set (q_lock) */
+    int stop_copy;       /* TRK_ASYNC arm: copiers copy into unpooled batches, unhashed (q_lock) */
 
     /* Batches. Copiers draw from a bounded pool and wait when it is empty; the fault thread
      * never waits for space: its copies go to batches allocated on demand (bounded by the owed
@@ -184,19 +185,25 @@ static void bump_hist(struct trk *t, uint64_t ns)
     atomic_fetch_add_explicit(&t->hist[b < 48 ? b : 47], 1, memory_order_relaxed);
 }
 
-/* Copies unit u into an on-demand batch (never the bounded pool): copy-on-write in the fault
- * thread, which must not wait, and the stop-and-copy of async arms. */
-static void copy_unpooled(struct trk *t, uint64_t u)
+/* An unpooled batch: a spare one, or a new one (q_lock held). */
+static struct batch *spare_batch(struct trk *t)
+{
+    struct batch *b = q_pop(&t->spare_cow);
+    if (!b)
+        b = batch_new(t->batch_pages, 0);
+    if (!b)
+        abort(); /* out of memory: dying drops the uffd, the guest runs on */
+    return b;
+}
+
+/* Copy-on-write into the fault thread's own batch: never waits for pool space. */
+static void cow_copy(struct trk *t, uint64_t u)
 {
     pthread_mutex_lock(&t->cow_lock);
     if (!t->cow_cur) {
         pthread_mutex_lock(&t->q_lock);
-        t->cow_cur = q_pop(&t->spare_cow);
+        t->cow_cur = spare_batch(t);
         pthread_mutex_unlock(&t->q_lock);
-        if (!t->cow_cur)
-            t->cow_cur = batch_new(t->batch_pages, 0);
-        if (!t->cow_cur)
-            abort(); /* out of memory: dying drops the uffd, the guest runs on */
         t->cow_cur->n = 0;
         t->cow_cur->hashed = 0;
     }
@@ -220,7 +227,7 @@ static void serve_fault(struct trk *t, uint64_t addr)
         return;
     pthread_mutex_lock(&t->arm_lock);
     if (claim_unit(t, u)) {
-        copy_unpooled(t, u);
+        cow_copy(t, u);
         atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
     } else
         /* A copier holds it: its copy takes a microsecond; the page stays protected until then. */
@@ -260,7 +267,34 @@ static void *fault_main(void *arg)
     return NULL;
 }
 
-/* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over. */
+/* Claims owed units in order and copies them into b until it is full or none are left. */
+static void fill_batch(struct trk *t, struct batch *b)
+{
+    b->n = 0;
+    while (b->n + (int)t->ppu <= t->batch_pages) {
+        uint64_t i = atomic_fetch_add(&t->cursor, 1);
+        if (i >= t->owed_n)
+            break;
+        if (claim_unit(t, t->owed[i])) {
+            copy_unit(t, t->owed[i], b);
+            atomic_fetch_add_explicit(&t->copier_copies, 1, memory_order_relaxed);
+        }
+    }
+}
+
+/* Hands a filled batch over (or back, if empty); q_lock held. */
+static void put_batch(struct trk *t, struct batch *b)
+{
+    if (b->n)
+        q_push(&t->ready, b);
+    else
+        q_push(b->pooled ? &t->free_pool : &t->spare_cow, b);
+    pthread_cond_broadcast(&t->q_ready);
+}
+
+/* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over. During
+ * an async arm's stop-and-copy the batches are unpooled (the whole written set must be copied
+ * before the guest resumes, whatever the pool holds) and hashed later, by the collector. */
 static void *copier_main(void *arg)
 {
     struct trk *t = arg;
@@ -271,7 +305,7 @@ static void *copier_main(void *arg)
         while (!atomic_load(&t->stopping) &&
                (!t->released || atomic_load(&t->cursor) >= t->owed_n))
             pthread_cond_wait(&t->q_work, &t->q_lock);
-        while (!atomic_load(&t->stopping) && !t->free_pool.head) {
+        while (!atomic_load(&t->stopping) && !t->stop_copy && !t->free_pool.head) {
             atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
             pthread_cond_wait(&t->q_free, &t->q_lock);
         }
@@ -279,32 +313,48 @@ static void *copier_main(void *arg)
             pthread_mutex_unlock(&t->q_lock);
             return NULL;
         }
-        b = q_pop(&t->free_pool);
+        b = t->stop_copy ? spare_batch(t) : q_pop(&t->free_pool);
         t->inflight++;
         pthread_mutex_unlock(&t->q_lock);
 
-        b->n = 0;
-        while (b->n + (int)t->ppu <= t->batch_pages) {
-            uint64_t i = atomic_fetch_add(&t->cursor, 1);
-            if (i >= t->owed_n)
-                break;
-            if (claim_unit(t, t->owed[i])) {
-                copy_unit(t, t->owed[i], b);
-                atomic_fetch_add_explicit(&t->copier_copies, 1, memory_order_relaxed);
-            }
-        }
-        trk_hash_pages(b->data, b->n, b->ids, b->zero);
-        b->hashed = 1;
+        fill_batch(t, b);
+        b->hashed = b->pooled;
+        if (b->pooled)
+            trk_hash_pages(b->data, b->n, b->ids, b->zero);
 
         pthread_mutex_lock(&t->q_lock);
         t->inflight--;
-        if (b->n)
-            q_push(&t->ready, b);
-        else
-            q_push(&t->free_pool, b);
-        pthread_cond_broadcast(&t->q_ready);
+        put_batch(t, b);
         pthread_mutex_unlock(&t->q_lock);
     }
+}
+
+/* An async arm's stop-and-copy of t->owed[0..n): the copiers and this thread together, into
+ * unpooled batches; returns when every unit is copied. */
+static void stop_and_copy(struct trk *t, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
+    atomic_store(&t->cursor, 0);
+    atomic_store(&t->remaining, n);
+    pthread_mutex_lock(&t->q_lock);
+    t->owed_n = n;
+    t->stop_copy = t->released = 1;
+    pthread_cond_broadcast(&t->q_work);
+    while (atomic_load(&t->cursor) < n) {
+        struct batch *b = spare_batch(t);
+        t->inflight++;
+        pthread_mutex_unlock(&t->q_lock);
+        fill_batch(t, b);
+        b->hashed = 0;
+        pthread_mutex_lock(&t->q_lock);
+        t->inflight--;
+        put_batch(t, b);
+    }
+    while (atomic_load(&t->remaining) || t->inflight)
+        pthread_cond_wait(&t->q_ready, &t->q_lock);
+    t->stop_copy = 0;
+    pthread_mutex_unlock(&t->q_lock);
 }
 
 /* Units holding data: SEEK_DATA/SEEK_HOLE skips never-touched holes (not on hugetlbfs). */
@@ -455,13 +505,9 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
             rc = go_async(t);
         }
         st->runs = 1;
-        for (uint64_t i = 0; i < n && !rc; i++) {
-            atomic_store_explicit(&t->st[t->owed[i]], ST_COPYING, memory_order_relaxed);
-            atomic_fetch_add(&t->remaining, 1);
-            copy_unpooled(t, t->owed[i]);
-        }
+        if (!rc)
+            stop_and_copy(t, n);
         st->copied_in_arm = n;
-        t->owed_n = 0;
     } else {
         /* owed <- dirty; dirty <- {}; protect the owed set. */
         n = take_dirty(t);
@@ -475,8 +521,10 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     st->faults = atomic_load(&t->faults) - t->faults_at_arm;
     t->faults_at_arm = atomic_load(&t->faults);
     st->units_owed = n;
-    atomic_store(&t->remaining, t->owed_n);
-    atomic_store(&t->cursor, 0);
+    if (t->cfg.tracking != TRK_ASYNC || !t->async_on) {
+        atomic_store(&t->remaining, n);
+        atomic_store(&t->cursor, 0);
+    }
     t->armed_once = 1;
     pthread_mutex_unlock(&t->arm_lock);
     st->arm_ns = now_ns() - t0;

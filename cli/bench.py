@@ -1,0 +1,91 @@
+"""`vmckpt bench NAME`: runs one of the experiments side by side and writes a Markdown table
+and a plot of it."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from pathlib import Path
+
+import click
+import matplotlib
+import uvloop
+from vmckpt.cli.main import main
+from vmckpt.engine.experiments import EXPERIMENTS, STRATEGIES
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402 (after choosing the backend)
+
+
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
+                                        for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(name: str, rows: list[dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if name in ("interval", "scaling"):
+        x = "interval_s" if name == "interval" else "ram"
+        right = ("slowdown", "guest slowdown (1 - on/off)") if name == "interval" else \
+            ("drain_p50_ms", "drain, median (ms)")
+        for s in STRATEGIES:
+            mine = [r for r in rows if r["strategy"] == s]
+            axes[0].plot([r[x] for r in mine], [r["pause_p50_ms"] for r in mine], "o-", label=s)
+            axes[1].plot([r[x] for r in mine], [r[right[0]] for r in mine], "o-", label=s)
+        axes[0].set_ylabel("pause, median (ms)")
+        axes[1].set_ylabel(right[1])
+        for ax in axes:
+            ax.set_xlabel("checkpoint interval (s)" if name == "interval" else "guest RAM")
+            ax.legend(title="tracking")
+            if name == "interval":
+                ax.set_xscale("log")
+    elif name == "dedup":
+        ids = [r["id"] for r in rows]
+        bottom = [0] * len(rows)
+        for key, label in (("pages_stored_new", "stored new"), ("dedup_hits", "dedup hits"),
+                           ("zero_pages", "zero pages")):
+            axes[0].bar(ids, [r[key] for r in rows], bottom=bottom, label=label, width=1.0)
+            bottom = [b + r[key] for b, r in zip(bottom, rows, strict=True)]
+        axes[0].set_xlabel("checkpoint")
+        axes[0].set_ylabel("pages dirtied")
+        axes[0].legend()
+        axes[1].plot(ids, [r["pause_ms"] for r in rows], ".")
+        axes[1].set_xlabel("checkpoint")
+        axes[1].set_ylabel("pause (ms)")
+    else:  # qemu
+        kinds = [r["kind"] for r in rows]
+        axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])
+        axes[0].set_xlabel("pause, median (ms, log)")
+        axes[0].set_xscale("log")
+        axes[1].barh(kinds, [r["MB_per_checkpoint"] for r in rows])
+        axes[1].set_xlabel("MB written per checkpoint")
+        axes[1].tick_params(labelleft=False)
+    fig.suptitle(f"vmckpt bench {name} — {platform.node()}, {platform.release()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@main.command()
+@click.argument("name", type=click.Choice(sorted(EXPERIMENTS)))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help="Directory for NAME.md and NAME.png.")
+def bench(name: str, out_dir: Path) -> None:
+    """Run an experiment (interval: pause and guest slowdown per strategy and interval;
+    dedup: data per checkpoint of a duplicate-heavy guest; scaling: RAM sizes; qemu: the test
+    guest vs QEMU's own snapshots) and write a Markdown table and a plot."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("vmckpt").setLevel(logging.WARNING)  # one line a checkpoint is noise here
+    with tempfile.TemporaryDirectory(prefix="vmckpt-bench-") as tmp:
+        rows = uvloop.run(EXPERIMENTS[name](Path(tmp)))
+    table = markdown(rows)
+    (out_dir / f"{name}.md").write_text(table)
+    plot(name, rows, out_dir / f"{name}.png")
+    click.echo(table)
+    click.echo(f"wrote {out_dir / (name + '.md')} and {out_dir / (name + '.png')}")
+

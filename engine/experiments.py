@@ -1,0 +1,191 @@
+"""The experiments behind `vmckpt bench` and bench/: real guests under the engine, figures out.
+
+Each experiment returns rows (dicts of plain numbers and strings) that the caller tabulates or
+plots; all of one experiment runs in one process, side by side, because on a shared machine
+only ratios measured together mean anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from asyncio.subprocess import PIPE
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from vmckpt.engine.cycle import Engine, EngineOptions
+from vmckpt.engine.qemu.qmp import Qmp
+from vmckpt.engine.qemu.testguest import qemu_argv, ticks
+from vmckpt.engine.session import TrackedProgram, checkpoint_program
+from vmckpt.engine.synthguest import command as synth
+from vmckpt.storage import open_store
+
+STRATEGIES = ("wp", "async")
+INTERVALS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def _ms(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+
+
+async def _synth_run(workdir: Path, args: Sequence[str],
+                     options: EngineOptions | None) -> tuple[float, list[dict]]:
+    """Runs the synthetic guest to the end of its --duration, checkpointed with options (or
+    not at all); returns its own write rate (pages/s) and the checkpoint records."""
+    if options is None:
+        proc = await asyncio.create_subprocess_exec(*synth(*args), stdout=PIPE)
+        out, _ = await proc.communicate()
+        return json.loads(out.splitlines()[-1])["pages_per_s"], []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        prog = await TrackedProgram.start(synth(*args), Path(tmp) / "e.sock",
+                                          copiers=options.copiers, tracking=options.tracking,
+                                          min_ram=4 << 20, stdout=PIPE)
+        assert prog.proc.stdout
+        out = asyncio.ensure_future(prog.proc.stdout.read())
+        with open_store(Path(tmp) / "store", create=True) as store:
+            await checkpoint_program(prog, store, options)
+            records = store.list_checkpoints()
+        return json.loads((await out).splitlines()[-1])["pages_per_s"], records
+
+
+def _pause_row(records: list[dict]) -> dict:
+    steady = records[2:] or records  # the first two set tracking up (all RAM, the switch)
+    pauses = [r["pause"] for r in steady]
+    return {"checkpoints": len(records), "pause_p50_ms": _ms(pauses, 50),
+            "pause_p99_ms": _ms(pauses, 99),
+            "dirtied_p50": statistics.median(r["pages_dirtied"] for r in steady),
+            "drain_p50_ms": _ms([r["drain_time"] for r in steady], 50)}
+
+
+async def interval_experiment(workdir: Path, *, strategies: Sequence[str] = STRATEGIES,
+                              intervals: Sequence[float] = INTERVALS, size: str = "256M",
+                              duration: float = 6.0) -> list[dict]:
+    """Pause and guest slowdown vs interval, per strategy. The guest writes random pages as
+    fast as it can and reports its own rate; slowdown = 1 - rate(on) / rate(off)."""
+    args = ("--size", size, "--fill", "0.5", "--rate", "0", "--partial", "0.3", "--dup", "0.1",
+            "--zero", "0.1", "--seed", "1", "--duration", str(duration))
+    off, _ = await _synth_run(workdir, args, None)
+    rows = []
+    for strategy in strategies:
+        for interval in intervals:
+            on, records = await _synth_run(
+                workdir, args, EngineOptions(interval=interval, tracking=strategy))
+            rows.append({"strategy": strategy, "interval_s": interval, **_pause_row(records),
+                         "guest_pages_per_s": on, "guest_off_pages_per_s": off,
+                         "slowdown": 1 - on / off})
+    return rows
+
+
+async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: float = 0.1,
+                           strategy: str = "wp") -> list[dict]:
+    """Data per checkpoint over a run of a duplicate-heavy guest: one row per checkpoint."""
+    args = ("--size", "256M", "--fill", "0.3", "--rate", "20000", "--dup", "0.4", "--zero",
+            "0.2", "--seed", "2", "--duration", str(checkpoints * interval * 3))
+    _, records = await _synth_run(
+        workdir, args, EngineOptions(interval=interval, tracking=strategy))
+    return [{"id": r["id"], "pages_dirtied": r["pages_dirtied"],
+             "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
+             "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
+             "pause_ms": r["pause"] * 1e3} for r in records[:checkpoints]]
+
+
+def dedup_summary(rows: list[dict]) -> dict:
+    """Totals of a dedup_experiment: what was dirtied and how little of it was stored."""
+    keys = ("pages_dirtied", "pages_stored_new", "dedup_hits", "zero_pages", "bytes_added")
+    total = {k: sum(r[k] for r in rows) for k in keys}
+    return {"checkpoints": len(rows), **total,
+            "saved_share": 1 - total["pages_stored_new"] / max(1, total["pages_dirtied"])}
+
+
+async def scaling_experiment(workdir: Path, *, sizes: Sequence[str] = ("256M", "1G", "4G"),
+                             strategies: Sequence[str] = STRATEGIES, rate: int = 20000,
+                             interval: float = 0.5, duration: float = 5.0) -> list[dict]:
+    """Pause and drain at several RAM sizes with the same dirty rate: cost follows the dirty
+    pages, not the RAM."""
+    rows = []
+    for size in sizes:
+        args = ("--size", size, "--fill", "0.1", "--rate", str(rate), "--seed", "3",
+                "--duration", str(duration))
+        for strategy in strategies:
+            _, records = await _synth_run(
+                workdir, args, EngineOptions(interval=interval, tracking=strategy))
+            rows.append({"ram": size, "strategy": strategy, **_pause_row(records)})
+    return rows
+
+
+async def _qemu_snapshot(qmp: Qmp, path: Path, *, background: bool) -> tuple[float, float, int]:
+    """One of QEMU's own whole-VM snapshots into path: (pause, total time, bytes)."""
+    await qmp.set_capability("x-ignore-shared", False)
+    await qmp.set_capability("background-snapshot", background)
+    # QEMU's best: no bandwidth cap (its default, 128 MiB/s, is meant for live migration).
+    await qmp.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        await qmp.send_fd(fd, "snapshot")
+    finally:
+        os.close(fd)
+    t0 = time.perf_counter()
+    if not background:
+        await qmp.cmd("stop")
+    await qmp.cmd("migrate", uri="fd:snapshot")
+    info = await qmp.wait_migration()
+    if not background:
+        await qmp.cmd("cont")
+    total = time.perf_counter() - t0
+    await qmp.set_capability("background-snapshot", False)
+    size = path.stat().st_size
+    path.unlink()
+    return (info["downtime"] / 1e3 if background else total), total, size
+
+
+async def qemu_experiment(workdir: Path, *, mem: str = "256M", work: str = "dirty",
+                          strategies: Sequence[str] = STRATEGIES, interval: float = 1.0,
+                          checkpoints: int = 10, snapshots: int = 3) -> list[dict]:
+    """The test guest under vmckpt (each strategy), then QEMU's paused `migrate` to a file and
+    its `background-snapshot` on the same guest: pause, total time, bytes per checkpoint."""
+    rows = []
+    for n, strategy in enumerate(strategies):
+        log = workdir / f"serial-{strategy}.log"
+        argv = qemu_argv(mem=mem, work=work, rate=5000, mb=64, serial=f"file:{log}")
+        async with await TrackedProgram.start(argv, workdir / "e.sock",
+                                              tracking=strategy) as prog:
+            while not (log.exists() and ticks(log.read_bytes())):
+                await asyncio.sleep(0.1)
+            with open_store(workdir / f"store-{strategy}", create=True) as store:
+                engine = Engine(prog.target, prog.tracker, store,
+                                EngineOptions(interval=interval, tracking=strategy))
+                await engine.run(asyncio.Event(), max_checkpoints=checkpoints + 2)
+            done = [(r["pause"], r["pause"] + r["drain_time"] + r["commit_time"],
+                     r["bytes_added"] + r["device_state"]["size"])
+                    for r in engine.records[2:]]
+            rows.append(_snapshot_row(f"vmckpt {strategy}", done))
+            if n:
+                continue
+            prog.tracker.close()  # QEMU's background snapshot registers guest RAM itself
+            qmp = prog.target.qmp  # type: ignore[attr-defined]
+            for kind, background in (("qemu migrate (paused)", False),
+                                     ("qemu background-snapshot", True)):
+                taken = []
+                for _ in range(snapshots):
+                    await asyncio.sleep(interval)
+                    taken.append(await _qemu_snapshot(qmp, workdir / "snap",
+                                                      background=background))
+                rows.append(_snapshot_row(kind, taken))
+    return [{"ram": mem, "work": work, **r} for r in rows]
+
+
+def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
+    pauses = [p for p, _, _ in taken]
+    return {"kind": kind, "n": len(taken), "pause_p50_ms": _ms(pauses, 50),
+            "pause_p99_ms": _ms(pauses, 99),
+            "total_p50_ms": _ms([t for _, t, _ in taken], 50),
+            "MB_per_checkpoint": statistics.median(b for _, _, b in taken) / 1e6}
+
+
+EXPERIMENTS = {"interval": interval_experiment, "dedup": dedup_experiment,
+               "scaling": scaling_experiment, "qemu": qemu_experiment}
