@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -59,27 +60,34 @@ def main(verbose: bool) -> None:
 
 
 def engine_options(f: Callable) -> Callable:
-    """The options of every command that runs the engine."""
+    """The options of every command that runs the engine, passed on as one EngineOptions."""
+
+    @functools.wraps(f)
+    def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
+                pre_arm: str, **kw: Any) -> Any:
+        options = EngineOptions(interval=_duration(interval),
+                                copiers=copiers or os.cpu_count() or 1,
+                                buffer_bytes=_size(buffer_size), tracking=tracking,
+                                pre_arm=_duration(pre_arm))
+        return f(options=options, **kw)
+
     for opt in reversed([
         click.option("--interval", default="1s", show_default=True,
                      help="Time between checkpoints."),
         click.option("--copiers", type=int, default=None, help="Copier threads (default: cores)."),
         click.option("--buffer", "buffer_size", default="64M", show_default=True,
                      help="Bound on copied pages waiting for the store."),
-        click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
         click.option("--tracking", type=click.Choice(["wp", "async"]), default="wp",
                      show_default=True,
                      help="wp: write faults drive copy-on-write; async: the kernel records "
                           "writes (WP_ASYNC), the pause copies the written pages."),
+        click.option("--pre-arm", default="0", show_default=True,
+                     help="Do each checkpoint's dirty-set work this long before its pause, "
+                          "so the pause handles only pages written since (e.g. 200ms)."),
+        click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
     ]):
-        f = opt(f)
-    return f
-
-
-def _options(interval: str, copiers: int | None, buffer_size: str,
-             tracking: str) -> EngineOptions:
-    return EngineOptions(interval=_duration(interval), copiers=copiers or os.cpu_count() or 1,
-                         buffer_bytes=_size(buffer_size), tracking=tracking)
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError)
@@ -110,12 +118,11 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
 @click.option("--add-memory-backend", is_flag=True,
               help="QEMU with plain -m SIZE: give it a shared memfd backend of that size.")
 @click.argument("argv", nargs=-1, required=True)
-def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
-        max_checkpoints: int | None, tracking: str, min_ram: str, attach_timeout: str,
-        detach_on_exit: bool, add_memory_backend: bool, argv: tuple[str, ...]) -> None:
+def run(store_path: Path, options: EngineOptions, max_checkpoints: int | None, min_ram: str,
+        attach_timeout: str, detach_on_exit: bool, add_memory_backend: bool,
+        argv: tuple[str, ...]) -> None:
     """Start PROGRAM ARGS... (QEMU, or any program with shared guest RAM) and checkpoint it
     every interval until it exits or Ctrl-C."""
-    options = _options(interval, copiers, buffer_size, tracking)
     _engine(lambda store: run_program(
         argv, store, options, attach_timeout=_duration(attach_timeout), min_ram=_size(min_ram),
         add_memory_backend=add_memory_backend, detach_on_exit=detach_on_exit,
@@ -130,11 +137,10 @@ def run(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
 @click.option("--qmp", "qmp_path", type=click.Path(path_type=Path), required=True,
               help="QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off); vmckpt must be its "
                    "only client.")
-def serve(store_path: Path, interval: str, copiers: int | None, buffer_size: str,
-          max_checkpoints: int | None, tracking: str, socket_path: Path, qmp_path: Path) -> None:
+def serve(store_path: Path, options: EngineOptions, max_checkpoints: int | None,
+          socket_path: Path, qmp_path: Path) -> None:
     """Checkpoint a QEMU started by someone else with LD_PRELOAD=$(vmckpt preload-path) and
     VMCKPT_SOCKET=SOCKET, until it exits or Ctrl-C (QEMU keeps running)."""
-    options = _options(interval, copiers, buffer_size, tracking)
     _engine(lambda store: serve_qemu(socket_path, qmp_path, store, options,
                                      max_checkpoints=max_checkpoints), store_path, "serve")
 
@@ -160,8 +166,8 @@ def _ckpt(text: str) -> int | str:
 @click.argument("ckpt")
 @click.argument("argv", nargs=-1)
 def restore(store_path: Path, image: Path | None, workers: int, paused: bool, checkpoint: bool,
-            interval: str, copiers: int | None, buffer_size: str, max_checkpoints: int | None,
-            tracking: str, ckpt: str, argv: tuple[str, ...]) -> None:
+            options: EngineOptions, max_checkpoints: int | None, ckpt: str,
+            argv: tuple[str, ...]) -> None:
     """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
     -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM), or with
     --image into a RAM image file, bit-exact."""
@@ -177,8 +183,8 @@ def restore(store_path: Path, image: Path | None, workers: int, paused: bool, ch
         return
     if not argv:
         _fail("give --image FILE, or the QEMU command line after --")
-    options = _options(interval, copiers, buffer_size, tracking) if checkpoint else None
-    _engine(lambda store: restore_qemu(store, which, argv, paused=paused, checkpoint=options,
+    _engine(lambda store: restore_qemu(store, which, argv, paused=paused,
+                                       checkpoint=options if checkpoint else None,
                                        max_checkpoints=max_checkpoints), store_path, argv[0],
             create=False)
 
