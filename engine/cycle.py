@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from vmckpt.engine.targets.base import Target
-from vmckpt.engine.tracker import PAGE, Tracker
+from vmckpt.engine.targets.base import Target, TargetGone, pid_alive
+from vmckpt.engine.tracker import PAGE, Tracker, TrackerError
 from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
 
 log = logging.getLogger("vmckpt")
@@ -71,7 +71,10 @@ class Engine:
         await self.target.pause()
         t1 = time.perf_counter()
         try:
-            arm = self.tracker.arm()
+            try:
+                arm = self.tracker.arm()
+            except TrackerError:
+                await self._gone_or_raise()
             at_arm = self.tracker.counters()
             t2 = time.perf_counter()
             if self.on_paused:
@@ -115,6 +118,15 @@ class Engine:
         self.parent = ckpt
         self.records.append(record)
         return record
+
+    async def _gone_or_raise(self) -> None:
+        """After a failed arm: a target that was exiting (its mapping already gone, the
+        process not yet a zombie) is gone; anything else is a real failure."""
+        for _ in range(100):
+            if not pid_alive(self.target.pid):
+                raise TargetGone(f"{self.target.name} exited") from None
+            await asyncio.sleep(0.01)
+        raise
 
     def _drain(self, into: _Copied) -> None:
         """Moves every copied page of the armed checkpoint into the store."""
