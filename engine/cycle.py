@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from vmckpt.engine.targets.base import Target, TargetGone, pid_alive
-from vmckpt.engine.tracker import PAGE, Tracker, TrackerError
+from vmckpt.engine.targets.base import Target, TargetGone
+from vmckpt.engine.tracker import PAGE, RamGone, Tracker
 from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
 
 log = logging.getLogger("vmckpt")
@@ -73,8 +73,8 @@ class Engine:
         try:
             try:
                 arm = self.tracker.arm()
-            except TrackerError:
-                await self._gone_or_raise()
+            except RamGone as e:
+                raise TargetGone(str(e)) from None
             at_arm = self.tracker.counters()
             t2 = time.perf_counter()
             if self.on_paused:
@@ -118,15 +118,6 @@ class Engine:
         self.parent = ckpt
         self.records.append(record)
         return record
-
-    async def _gone_or_raise(self) -> None:
-        """After a failed arm: a target that was exiting (its mapping already gone, the
-        process not yet a zombie) is gone; anything else is a real failure."""
-        for _ in range(100):
-            if not pid_alive(self.target.pid):
-                raise TargetGone(f"{self.target.name} exited") from None
-            await asyncio.sleep(0.01)
-        raise
 
     def _drain(self, into: _Copied) -> None:
         """Moves every copied page of the armed checkpoint into the store."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import astuple, dataclass
 
@@ -16,6 +17,10 @@ TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC}
 
 class TrackerError(Exception):
     """The native tracker failed; the message says where."""
+
+
+class RamGone(TrackerError):
+    """The target unmapped its guest RAM (it is exiting, or dropped that memory)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class Tracker:
         """Call with the target paused: owed <- dirty, write-protect it, dirty <- {}."""
         st = ffi.new("struct trk_arm_stats *")
         rc = lib.trk_arm(self._t, st)
+        if rc == -errno.ENOENT:  # the range is no longer registered: no mapping to track
+            raise RamGone("the program unmapped its guest RAM")
         if rc < 0:
             raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,

@@ -21,7 +21,6 @@ class TargetGone(Exception):
 class Target(Protocol):
     kind: str
     name: str
-    pid: int
     argv: list[str] | None  # how it was started (recorded: a restore needs the same machine)
 
     async def pause(self) -> None:
