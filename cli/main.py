@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -189,36 +188,6 @@ def restore(store_path: Path, image: Path | None, workers: int, paused: bool, ch
             create=False)
 
 
-COLUMNS = [("id", "id", "{}"), ("parent", "parent", "{}"),
-           ("ram_size", "RAM MiB", "{:.0f}"), ("pages_dirtied", "dirtied", "{}"),
-           ("pages_stored_new", "new", "{}"), ("dedup_hits", "dedup", "{}"),
-           ("zero_pages", "zero", "{}"), ("bytes_added", "added MiB", "{:.2f}"),
-           ("pause", "pause ms", "{:.2f}"), ("drain_time", "drain ms", "{:.0f}")]
-SCALE = {"ram_size": 2**-20, "bytes_added": 2**-20, "pause": 1e3, "drain_time": 1e3}
-
-
-@main.command("ls")
-@store_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of the full records.")
-def ls(store_path: Path, as_json: bool) -> None:
-    """List the checkpoints with their figures."""
-    try:
-        with open_store(store_path, readonly=True) as store:
-            records = store.list_checkpoints()
-    except StoreError as e:
-        _fail(str(e))
-    if as_json:
-        click.echo(json.dumps(records, indent=1, default=str))
-        return
-    rows = [[h for _, h, _ in COLUMNS]]
-    for r in records:
-        rows.append(["-" if r.get(k) is None else f.format(r[k] * SCALE.get(k, 1))
-                     for k, _, f in COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    for row in rows:
-        click.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
-
-
 @main.command("preload-path")
 def preload_path_cmd() -> None:
     """Print the preload library's path (for LD_PRELOAD)."""
@@ -226,3 +195,4 @@ def preload_path_cmd() -> None:
 
 
 from vmckpt.cli import bench as _bench  # noqa: E402,F401 (registers `vmckpt bench`)
+from vmckpt.cli import inspect as _inspect  # noqa: E402,F401 (registers ls, show, ...)

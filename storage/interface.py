@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,28 @@ class PageStore(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    # Inspection (vmckpt show/stats/check): the store as it is, without interpreting it.
+
+    @abstractmethod
+    def format_info(self) -> dict:
+        """The store's format record: name, version, page_size, hash, full_every."""
+
+    @abstractmethod
+    def map_blob(self, ckpt: int) -> bytes | None:
+        """A checkpoint's map exactly as stored (MapDelta.encode), or None if it has none."""
+
+    @abstractmethod
+    def iter_pages(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every stored (page id, page), for verifying pages against their ids."""
+
+    @abstractmethod
+    def page_count(self) -> int:
+        """How many pages the store holds."""
+
+    @abstractmethod
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes on disk: "pages", "records", "maps" (each one's table files) and "total"."""
 
     def __enter__(self) -> PageStore:
         return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgpack
@@ -87,7 +87,7 @@ class RocksStore(PageStore):
                                  f"v{fmt.get('version')}; this vmckpt reads v{FORMAT['version']}")
         self.full_every = int(fmt["full_every"])
         self._lock = threading.Lock()
-        self._known: set[bytes] = set(self.cf["pages"].keys())
+        self._known_set: set[bytes] | None = None
         self._last = max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
                          default=0)
         self._sync = WriteOptions()
@@ -103,7 +103,7 @@ class RocksStore(PageStore):
         batch.set_default_column_family(self.cfh["pages"])
         new = dup = 0
         with self._lock:
-            known = self._known
+            known = self._known()
             for i in range(len(raw_ids) // ID_BYTES):
                 pid = raw_ids[i * ID_BYTES:(i + 1) * ID_BYTES]
                 if pid == ZERO_ID:
@@ -120,9 +120,18 @@ class RocksStore(PageStore):
                 self.db.write(batch, self._nowal)
         return PutResult(new, dup, new * size)
 
+    def _known(self) -> set[bytes]:
+        """Every stored page id, in memory for dedup against all history: read on first use
+        (a scan of the whole pages family), so that opening a store to read it stays fast."""
+        if self._known_set is None:
+            self._known_set = set(self.cf["pages"].keys())
+        return self._known_set
+
     def has_pages(self, ids: np.ndarray) -> np.ndarray:
         raw = np.ascontiguousarray(ids).tobytes()
-        return np.array([raw[i:i + ID_BYTES] in self._known
+        with self._lock:
+            known = self._known()
+        return np.array([raw[i:i + ID_BYTES] in known
                          for i in range(0, len(raw), ID_BYTES)], bool)
 
     def get_pages(self, ids: Sequence[bytes]) -> list[bytes]:
@@ -193,3 +202,23 @@ class RocksStore(PageStore):
             self.cf, self.cfh = {}, {}
             self.db.close()
             self.db = None
+
+    def format_info(self) -> dict:
+        return msgpack.unpackb(self.db[b"format"])
+
+    def map_blob(self, ckpt: int) -> bytes | None:
+        return self.cf["maps"].get(_key(ckpt))
+
+    def iter_pages(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.cf["pages"].items()
+
+    def page_count(self) -> int:
+        # Pages are only ever added once each (dedup), so RocksDB's count is exact until gc
+        # deletes some and compaction has not caught up; cheap where a scan reads every page.
+        return self.cf["pages"].property_int_value("rocksdb.estimate-num-keys")
+
+    def disk_usage(self) -> dict[str, int]:
+        usage = {c: self.cf[c].property_int_value("rocksdb.live-sst-files-size") for c in CFS}
+        # The total also counts the write-ahead log, the manifest and the default family.
+        usage["total"] = sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return usage

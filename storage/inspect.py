@@ -1,0 +1,347 @@
+"""Looking into a store without changing it: map chains, what differs between maps, store-wide
+figures, the consistency check, and export. The CLI presents what these return."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+from vmckpt.storage.blob import get_blob
+from vmckpt.storage.interface import PageStore
+from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap, page_ids
+from vmckpt.storage.restore import RestoreStats, restore_image
+
+# A page id as one numpy value: sortable and comparable, so sets of ids stay vectorised.
+ID = np.dtype((np.void, ID_BYTES))
+BATCH = 1024  # pages hashed at a time
+
+
+def as_ids(rows: np.ndarray) -> np.ndarray:
+    """uint8[n, 32] page ids -> ID[n]."""
+    return np.ascontiguousarray(rows, np.uint8).view(ID).reshape(-1)
+
+
+def map_chain(store: PageStore, rec: dict) -> list[dict]:
+    """The map blobs a restore of rec reads, newest first: its own back to a full map. Only
+    records are read."""
+    chain = []
+    while True:
+        chain.append({"id": rec["id"], "kind": rec["map"]["kind"], "bytes": rec["map"]["bytes"]})
+        if rec["map"]["kind"] == "full":
+            return chain
+        rec = store.get_record(rec["parent"])
+
+
+def differing(a: PageMap, b: PageMap) -> np.ndarray:
+    """The frames (pfns, ascending) whose page differs between two maps; frames beyond the
+    smaller map count as zero there."""
+    n = min(a.npages, b.npages)
+    longer = a if a.npages > b.npages else b
+    return np.concatenate([np.flatnonzero((a.ids[:n] != b.ids[:n]).any(axis=1)),
+                           n + np.flatnonzero(longer.ids[n:].any(axis=1))])
+
+
+def changes(store: PageStore, rec: dict) -> tuple[PageMap, np.ndarray]:
+    """A checkpoint's map and the frames that differ from its parent's (for a first checkpoint,
+    every frame that holds data)."""
+    pmap = store.read_map(rec["id"])
+    parent = rec.get("parent")
+    before = store.read_map(parent) if parent is not None else PageMap.empty(pmap.npages)
+    return pmap, differing(before, pmap)
+
+
+def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending pfns as contiguous runs: (first pfn, number of pages)."""
+    if not len(pfns):
+        return []
+    cuts = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(pfns)]])
+    return [(int(pfns[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+def percentiles(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(values))}
+
+
+def store_stats(store: PageStore, top: int = 10) -> dict:
+    """Store-wide figures from the records, the page and disk counts, and the newest
+    checkpoint's map (the only map read: zero share and duplicated pages come from it)."""
+    records = store.list_checkpoints()
+    size = store.page_size
+    disk = store.disk_usage()
+    pages = store.page_count()
+
+    def total(key: str) -> int:
+        return sum(r.get(key) or 0 for r in records)
+
+    logical, new, dup = total("ram_size"), total("pages_stored_new"), total("dedup_hits")
+    dirtied, zero = total("pages_dirtied"), total("zero_pages")
+    newest = None
+    if records:
+        last = records[-1]["id"]
+        pmap = store.read_map(last)
+        used = pmap.ids[pmap.nonzero_pfns()]
+        uniq, counts = np.unique(as_ids(used), return_counts=True)
+        order = np.argsort(-counts, kind="stable")[:top]
+        newest = {"id": last, "pages": pmap.npages, "zero_pages": pmap.npages - len(used),
+                  "distinct_pages": len(uniq),
+                  "top_pages": [{"id": uniq[i].tobytes().hex(), "frames": int(counts[i])}
+                                for i in order if counts[i] > 1]}
+    return {
+        "format": store.format_info(),
+        "checkpoints": len(records),
+        "logical_bytes": logical,
+        "stored_pages": pages,
+        "stored_bytes": pages * size,
+        "disk_bytes": disk,
+        "logical_to_stored": logical / (pages * size) if pages else None,
+        "pages_copied": new + dup,
+        "pages_stored_new": new,
+        "dedup_ratio": (new + dup) / new if new else None,
+        "compression_ratio": pages * size / disk["pages"] if disk["pages"] else None,
+        "zero_share_copied": zero / dirtied if dirtied else None,
+        "zero_share_newest": newest["zero_pages"] / newest["pages"] if newest else None,
+        "newest": newest,
+        "pause": percentiles([r["pause"] for r in records if r.get("pause") is not None]),
+        "drain_time": percentiles([r["drain_time"] for r in records
+                                   if r.get("drain_time") is not None]),
+    }
+
+
+@dataclass
+class Problem:
+    kind: str  # missing_map, bad_map, broken_chain, long_chain, bad_device_state,
+    #            missing_page, corrupt_page
+    message: str
+    checkpoint: int | None = None
+    pfn: int | None = None
+    page: str | None = None  # hex page id
+    checkpoints: list[int] = field(default_factory=list)  # those whose restore needs the page
+
+
+@dataclass
+class CheckReport:
+    read_data: bool
+    checkpoints: int = 0
+    maps_checked: int = 0
+    pages_checked: int = 0  # stored pages hashed
+    pages_stored: int = 0
+    complete: bool = True
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return self.complete and not self.problems
+
+
+def _decode(store: PageStore, rec: dict) -> MapDelta | Problem:
+    """A record's map blob, decoded and checked against the record; or what is wrong with it."""
+    ckpt = rec["id"]
+    blob = store.map_blob(ckpt)
+    if blob is None:
+        return Problem("missing_map", f"checkpoint {ckpt} has no map", ckpt)
+    meta = rec.get("map") or {}
+    if len(blob) != meta.get("bytes"):
+        why = (f"is {len(blob)} bytes where its record says {meta.get('bytes')} "
+               "(truncated or overwritten)")
+    else:
+        try:
+            kind, delta = MapDelta.decode(blob)
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"cannot be decoded ({e})"
+        else:
+            npages = rec["ram_size"] // store.page_size
+            if kind != meta["kind"]:
+                why = f"is a {kind} map where its record says {meta['kind']}"
+            elif len(delta.ids) != len(delta.pfns) or (len(delta.pfns)
+                                                      and delta.pfns.max() >= npages):
+                why = f"names frames that do not fit the checkpoint's {npages} pages"
+            else:
+                return delta
+    return Problem("bad_map", f"checkpoint {ckpt}: its map {why}", ckpt)
+
+
+def _device_ids(rec: dict, page_size: int) -> np.ndarray | None:
+    """The page ids of a record's device state, None if its reference is malformed."""
+    ref = rec["device_state"]
+    raw = ref["ids"]
+    if len(raw) % ID_BYTES or len(raw) // ID_BYTES != -(-ref["size"] // page_size):
+        return None
+    return np.frombuffer(raw, np.uint8).reshape(-1, ID_BYTES)
+
+
+def _ranges(ids: Iterable[int]) -> str:
+    """1 2 3 5 -> '1-3, 5'."""
+    pfns = np.array(sorted(ids), np.int64)
+    return ", ".join(f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in runs(pfns))
+
+
+def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float | None = None,
+                progress: bool = False) -> CheckReport:
+    """Verifies every record has a readable map, every map chain reaches a full map within
+    full_every deltas, every page a map or device state names is stored, and with read_data
+    that every stored page hashes to its id. Stops after max_seconds (the report says it is
+    incomplete); problems found are always located, by checkpoint and frame."""
+    t0 = time.monotonic()
+    records = store.list_checkpoints()
+    full_every = store.format_info()["full_every"]
+    report = CheckReport(read_data, len(records), pages_stored=store.page_count())
+    bad: dict[bytes, tuple[str, str]] = {}  # page id -> (problem kind, what is wrong)
+    deltas: dict[int, int] = {}  # checkpoint -> deltas above its full map (chain intact)
+    broken: dict[int, int] = {}  # checkpoint -> the checkpoint whose map breaks its chain
+
+    def late() -> bool:
+        if max_seconds is not None and time.monotonic() - t0 > max_seconds:
+            report.complete = False
+        return not report.complete
+
+    for rec in tqdm(records, desc="maps", unit="ckpt", disable=not progress):
+        if late():
+            break
+        ckpt, parent = rec["id"], rec.get("parent")
+        delta = _decode(store, rec)
+        if isinstance(delta, Problem):
+            report.problems.append(delta)
+            broken[ckpt] = ckpt
+        elif rec["map"]["kind"] == "full":
+            deltas[ckpt] = 0
+        elif parent in deltas:
+            deltas[ckpt] = deltas[parent] + 1
+            if deltas[ckpt] > full_every:
+                report.problems.append(Problem(
+                    "long_chain", f"checkpoint {ckpt} is {deltas[ckpt]} deltas from a full "
+                                  f"map; the store keeps at most {full_every}", ckpt))
+        else:
+            cause = broken.get(parent)
+            broken[ckpt] = ckpt if cause is None else cause
+            report.problems.append(Problem("broken_chain", (
+                f"checkpoint {ckpt} cannot be restored: its map is a delta against checkpoint "
+                f"{parent}, which does not exist" if cause is None else
+                f"checkpoint {ckpt} cannot be restored: its map chain breaks at checkpoint "
+                f"{cause}"), ckpt))
+        rows = [delta.ids] if isinstance(delta, MapDelta) else []
+        if rec.get("device_state"):
+            device = _device_ids(rec, store.page_size)
+            if device is None:
+                report.problems.append(Problem(
+                    "bad_device_state", f"checkpoint {ckpt} has a device state reference whose "
+                                        "page ids do not match its size", ckpt))
+            else:
+                rows.append(device)
+        if rows:
+            ids = np.concatenate(rows)
+            ids = ids[ids.any(axis=1)]  # zero frames name no page
+            for pid in np.unique(as_ids(ids[~store.has_pages(ids)])):
+                bad[pid.tobytes()] = ("missing_page", "is missing")
+        report.maps_checked += 1
+
+    if read_data and report.complete:
+        with tqdm(total=report.pages_stored, desc="pages", unit="page",
+                  disable=not progress) as bar:
+            for batch in _batches(store.iter_pages(), BATCH):
+                if late():
+                    break
+                bad.update(_verify(batch, store.page_size))
+                report.pages_checked += len(batch)
+                bar.update(len(batch))
+
+    if bad:
+        _locate(store, records, bad, report)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _batches(items: Iterator[tuple[bytes, bytes]], n: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _verify(batch: list[tuple[bytes, bytes]], size: int) -> dict[bytes, tuple[str, str]]:
+    """The pages of batch that are not what their id says."""
+    wrong = {pid: ("corrupt_page", f"is {len(page)} bytes, not {size}")
+             for pid, page in batch if len(page) != size}
+    whole = [(pid, page) for pid, page in batch if len(page) == size]
+    if whole:
+        got = page_ids(np.frombuffer(b"".join(p for _, p in whole), np.uint8).reshape(-1, size))
+        for (pid, _), h in zip(whole, got, strict=True):
+            if h.tobytes() != pid:
+                wrong[pid] = ("corrupt_page",
+                              f"holds data whose SHA-256 is {h.tobytes().hex()}")
+    return wrong
+
+
+def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, str]],
+            report: CheckReport) -> None:
+    """One problem per bad page, naming the first checkpoint and frame that hold it and every
+    checkpoint whose restore needs it. Replays the maps, keeping only the bad frames of each
+    checkpoint, so it costs one decode of every map and no whole map."""
+    wanted = np.unique(np.frombuffer(b"".join(bad), ID))
+    held: dict[int, dict[int, bytes]] = {}  # checkpoint -> its frames holding a bad page
+    where: dict[bytes, list[tuple[int, int | None]]] = {pid: [] for pid in bad}
+    for rec in records:
+        ckpt, parent = rec["id"], rec.get("parent")
+        delta = _decode(store, rec)
+        if isinstance(delta, MapDelta):
+            # Below a broken chain (reported already) only a delta's own frames are known.
+            mine = held[parent].copy() if rec["map"]["kind"] == "delta" and parent in held \
+                else {}
+            for pfn in set(mine).intersection(delta.pfns.tolist()):
+                del mine[pfn]
+            for i in np.flatnonzero(np.isin(as_ids(delta.ids), wanted)):
+                mine[int(delta.pfns[i])] = delta.ids[i].tobytes()
+            held[ckpt] = mine
+            for pfn, pid in sorted(mine.items()):
+                where[pid].append((ckpt, pfn))
+        if rec.get("device_state") and (device := _device_ids(rec, store.page_size)) is not None:
+            for row in device:
+                if row.tobytes() in bad:
+                    where[row.tobytes()].append((ckpt, None))
+    for pid, (kind, what) in bad.items():
+        refs = where[pid]
+        if not refs:
+            report.problems.append(Problem(kind, f"page {pid.hex()} {what}; no readable map "
+                                                 "names it", page=pid.hex()))
+            continue
+        ckpt, pfn = refs[0]
+        ckpts = sorted({c for c, _ in refs})
+        frame = "device state" if pfn is None else f"pfn {pfn:#x}"
+        report.problems.append(Problem(
+            kind, f"checkpoint {ckpt} {frame}: page {pid.hex()} {what}; checkpoints that need "
+                  f"it: {_ranges(ckpts)}", ckpt, pfn, pid.hex(), ckpts))
+
+
+@dataclass
+class Export:
+    record: dict
+    ram_image: Path
+    restore: RestoreStats
+    device_state: Path | None  # None: the checkpoint has no device state
+
+
+def export_checkpoint(store: PageStore, ckpt: int | str, out_dir: Path) -> Export:
+    """Writes out_dir/ram.img (sparse) and out_dir/device-state.bin (if the checkpoint has
+    device state; an older one there is removed, so the directory never mixes two exports)."""
+    rec = store.get_record(ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ram = out_dir / "ram.img"
+    stats = restore_image(store, rec["id"], ram)
+    device = out_dir / "device-state.bin"
+    if rec.get("device_state"):
+        device.write_bytes(get_blob(store, rec["device_state"]))
+        return Export(rec, ram, stats, device)
+    device.unlink(missing_ok=True)
+    return Export(rec, ram, stats, None)
