@@ -107,11 +107,12 @@ class TrackedProgram:
                     stderr: int | None = None) -> TrackedProgram:
         qmp_path = sock.with_name(sock.stem + "-qmp.sock")
         name = Path(argv[0]).name
+        recorded = list(argv)  # in the records: without the engine's own monitor
         if is_qemu(argv):
             if add_memory_backend:
-                argv = add_memory_backend_to(argv)
-            find_ram_backend(argv)  # refuses what cannot be tracked before QEMU starts
-            argv = with_qmp(argv, qmp_path)
+                recorded = add_memory_backend_to(argv)
+            find_ram_backend(recorded)  # refuses what cannot be tracked before QEMU starts
+            argv = with_qmp(recorded, qmp_path)
         proc, ram, listener = await launch(argv, sock, attach_timeout=attach_timeout,
                                            min_ram=min_ram, stdin=stdin, stdout=stdout,
                                            stderr=stderr)
@@ -122,9 +123,9 @@ class TrackedProgram:
                               tracking=tracking)
             if is_qemu(argv):
                 target = await QemuTarget.connect(qmp_path, proc.pid, ram.length, name=name,
-                                                  argv=argv, timeout=attach_timeout)
+                                                  argv=recorded, timeout=attach_timeout)
             else:
-                target = ProcessTarget(proc.pid, name=name, argv=argv)
+                target = ProcessTarget(proc.pid, name=name, argv=recorded)
         except BaseException:
             if tracker:
                 tracker.close()

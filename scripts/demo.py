@@ -1,6 +1,7 @@
 """The main job, end to end: the test guest under `vmckpt run` (1 s interval, 20 checkpoints),
 a middle checkpoint restored into a new QEMU whose counter goes on from where it was, then the
-checkpoint table. Uses only the `vmckpt` command, like a user would."""
+checkpoint table, the store's figures, a full check and a plot. Uses only the `vmckpt`
+command, like a user would."""
 
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def main() -> int:
     print(f"   restored guest's first tick: {got[0] if got else None} (expected {at + 1}): "
           f"{'the counter continues' if ok else 'MISMATCH'}")
 
-    print("\n== vmckpt ls")
-    subprocess.run([VMCKPT, "ls", "--store", str(store)], check=True)
+    for args in (["ls"], ["stats"], ["check", "--read-data"],
+                 ["plot", "-o", str(store.parent / "plot.png")]):
+        print(f"\n== vmckpt {' '.join(args)}")
+        subprocess.run([VMCKPT, *args, "--store", str(store)], check=True)
     return 0 if ok else 1
 
 
