@@ -30,10 +30,11 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if name in ("interval", "scaling"):
-        x = "interval_s" if name == "interval" else "ram"
-        right = ("slowdown", "guest slowdown (1 - on/off)") if name == "interval" else \
-            ("drain_p50_ms", "drain, median (ms)")
+    if name in ("interval", "qemu-interval", "scaling"):
+        x = "ram" if name == "scaling" else "interval_s"
+        right = {"interval": ("slowdown", "guest slowdown (1 - on/off)"),
+                 "qemu-interval": ("pause_p99_ms", "pause, p99 (ms)"),
+                 "scaling": ("drain_p50_ms", "drain, median (ms)")}[name]
         for s in STRATEGIES:
             mine = [r for r in rows if r["strategy"] == s]
             axes[0].plot([r[x] for r in mine], [r["pause_p50_ms"] for r in mine], "o-", label=s)
@@ -41,9 +42,9 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         axes[0].set_ylabel("pause, median (ms)")
         axes[1].set_ylabel(right[1])
         for ax in axes:
-            ax.set_xlabel("checkpoint interval (s)" if name == "interval" else "guest RAM")
+            ax.set_xlabel("guest RAM" if name == "scaling" else "checkpoint interval (s)")
             ax.legend(title="tracking")
-            if name == "interval":
+            if name != "scaling":
                 ax.set_xscale("log")
     elif name == "dedup":
         ids = [r["id"] for r in rows]
@@ -77,9 +78,10 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("."),
               show_default=True, help="Directory for NAME.md and NAME.png.")
 def bench(name: str, out_dir: Path) -> None:
-    """Run an experiment (interval: pause and guest slowdown per strategy and interval;
-    dedup: data per checkpoint of a duplicate-heavy guest; scaling: RAM sizes; qemu: the test
-    guest vs QEMU's own snapshots) and write a Markdown table and a plot."""
+    """Run an experiment and write a Markdown table and a plot: interval (pause and guest
+    slowdown per strategy and interval), qemu-interval (pause per strategy and interval on the
+    QEMU test guest), dedup (data per checkpoint of a duplicate-heavy guest), scaling (RAM
+    sizes), qemu (the test guest vs QEMU's own snapshots)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("vmckpt").setLevel(logging.WARNING)  # one line a checkpoint is noise here
     with tempfile.TemporaryDirectory(prefix="vmckpt-bench-") as tmp:

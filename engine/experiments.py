@@ -53,8 +53,8 @@ async def _synth_run(workdir: Path, args: Sequence[str],
         return json.loads((await out).splitlines()[-1])["pages_per_s"], records
 
 
-def _pause_row(records: list[dict]) -> dict:
-    steady = records[2:] or records  # the first two set tracking up (all RAM, the switch)
+def _pause_row(records: list[dict], skip: int = 2) -> dict:
+    steady = records[skip:] or records  # the first two set tracking up (all RAM, the switch)
     pauses = [r["pause"] for r in steady]
     return {"checkpoints": len(records), "pause_p50_ms": _ms(pauses, 50),
             "pause_p99_ms": _ms(pauses, 99),
@@ -150,12 +150,7 @@ async def qemu_experiment(workdir: Path, *, mem: str = "256M", work: str = "dirt
     its `background-snapshot` on the same guest: pause, total time, bytes per checkpoint."""
     rows = []
     for n, strategy in enumerate(strategies):
-        log = workdir / f"serial-{strategy}.log"
-        argv = qemu_argv(mem=mem, work=work, rate=5000, mb=64, serial=f"file:{log}")
-        async with await TrackedProgram.start(argv, workdir / "e.sock",
-                                              tracking=strategy) as prog:
-            while not (log.exists() and ticks(log.read_bytes())):
-                await asyncio.sleep(0.1)
+        async with await _booted(workdir, mem, strategy, work) as prog:
             with open_store(workdir / f"store-{strategy}", create=True) as store:
                 engine = Engine(prog.target, prog.tracker, store,
                                 EngineOptions(interval=interval, tracking=strategy))
@@ -179,6 +174,39 @@ async def qemu_experiment(workdir: Path, *, mem: str = "256M", work: str = "dirt
     return [{"ram": mem, "work": work, **r} for r in rows]
 
 
+async def _booted(workdir: Path, mem: str, strategy: str,
+                  work: str = "dirty") -> TrackedProgram:
+    """The test guest (dirtying: 5,000 pages/s over 64 MiB) under a tracker, once it counts."""
+    log = workdir / f"serial-{strategy}-{work}.log"
+    argv = qemu_argv(mem=mem, work=work, rate=5000, mb=64, serial=f"file:{log}")
+    prog = await TrackedProgram.start(argv, workdir / "e.sock", tracking=strategy)
+    while not (log.exists() and ticks(log.read_bytes())):
+        await asyncio.sleep(0.1)
+    return prog
+
+
+async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
+                                   strategies: Sequence[str] = STRATEGIES,
+                                   intervals: Sequence[float] = INTERVALS,
+                                   checkpoints: int = 8) -> list[dict]:
+    """Pause vs interval on the QEMU test guest with a steady dirtying workload: one guest
+    and one store per strategy, the interval changed between runs of checkpoints."""
+    rows = []
+    for strategy in strategies:
+        async with await _booted(workdir, mem, strategy) as prog:
+            with open_store(workdir / f"store-{strategy}", create=True) as store:
+                engine = Engine(prog.target, prog.tracker, store,
+                                EngineOptions(interval=intervals[0], tracking=strategy))
+                await engine.run(asyncio.Event(), max_checkpoints=2)  # tracking set up
+                for interval in intervals:
+                    engine.options.interval = interval
+                    start = len(engine.records)
+                    await engine.run(asyncio.Event(), max_checkpoints=start + checkpoints)
+                    rows.append({"strategy": strategy, "interval_s": interval,
+                                 **_pause_row(engine.records[start:], skip=0)})
+    return rows
+
+
 def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
     pauses = [p for p, _, _ in taken]
     return {"kind": kind, "n": len(taken), "pause_p50_ms": _ms(pauses, 50),
@@ -187,5 +215,6 @@ def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
             "MB_per_checkpoint": statistics.median(b for _, _, b in taken) / 1e6}
 
 
-EXPERIMENTS = {"interval": interval_experiment, "dedup": dedup_experiment,
-               "scaling": scaling_experiment, "qemu": qemu_experiment}
+EXPERIMENTS = {"interval": interval_experiment, "qemu-interval": qemu_interval_experiment,
+               "dedup": dedup_experiment, "scaling": scaling_experiment,
+               "qemu": qemu_experiment}
