@@ -13,6 +13,7 @@ from vmckpt.engine.experiments import (
     dedup_experiment,
     dedup_summary,
     interval_experiment,
+    priority_experiment,
     scaling_experiment,
 )
 
@@ -39,6 +40,14 @@ def test_data_per_checkpoint_and_dedup(benchmark, tmp_path):
     print(f"\n{s['checkpoints']} checkpoints, {s['pages_dirtied']} pages dirtied: "
           f"{s['pages_stored_new']} stored, {s['dedup_hits']} dedup hits, {s['zero_pages']} "
           f"zero pages ({s['saved_share']:.0%} not stored); {s['bytes_added'] / 1e6:.1f} MB")
+
+
+def test_copiers_and_priority(benchmark, tmp_path):
+    for r in _run(benchmark, priority_experiment, tmp_path):
+        share = r["cow_copies"] / max(1, r["cow_copies"] + r["copier_copies"])
+        print(f"  copiers {r['copiers']} priority {r['priority']!s:5s}: {share:5.1%} of owed "
+              f"pages copied on a fault, guest {r['guest_pages_per_s']:.0f} pages/s, pause "
+              f"{r['pause_p50_ms']:.1f} ms")
 
 
 def test_scaling_with_ram_size(benchmark, tmp_path):

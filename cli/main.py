@@ -63,11 +63,11 @@ def engine_options(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
-                pre_arm: str, **kw: Any) -> Any:
+                pre_arm: str, priority: bool, **kw: Any) -> Any:
         options = EngineOptions(interval=_duration(interval),
                                 copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=_size(buffer_size), tracking=tracking,
-                                pre_arm=_duration(pre_arm))
+                                pre_arm=_duration(pre_arm), priority=priority)
         return f(options=options, **kw)
 
     for opt in reversed([
@@ -83,6 +83,8 @@ def engine_options(f: Callable) -> Callable:
         click.option("--pre-arm", default="0", show_default=True,
                      help="Do each checkpoint's dirty-set work this long before its pause, "
                           "so the pause handles only pages written since (e.g. 200ms)."),
+        click.option("--priority/--no-priority", default=True, show_default=True,
+                     help="Copiers first take the pages after one the guest just wrote (wp)."),
         click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
     ]):
         wrapper = opt(wrapper)

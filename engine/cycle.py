@@ -24,6 +24,7 @@ class EngineOptions:
     buffer_bytes: int = 64 << 20
     tracking: str = "wp"
     pre_arm: float = 0.0  # seconds before each pause to do its dirty-set work (0: off)
+    priority: bool = True  # copiers first take the units after a copy-on-write fault
 
 
 @dataclass

@@ -44,7 +44,8 @@ async def _synth_run(workdir: Path, args: Sequence[str],
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         prog = await TrackedProgram.start(synth(*args), Path(tmp) / "e.sock",
                                           copiers=options.copiers, tracking=options.tracking,
-                                          min_ram=4 << 20, stdout=PIPE)
+                                          priority=options.priority, min_ram=4 << 20,
+                                          stdout=PIPE)
         assert prog.proc.stdout
         out = asyncio.ensure_future(prog.proc.stdout.read())
         with open_store(Path(tmp) / "store", create=True) as store:
@@ -92,6 +93,26 @@ async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: f
              "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
              "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
              "pause_ms": r["pause"] * 1e3} for r in records[:checkpoints]]
+
+
+async def priority_experiment(workdir: Path, *, copiers: Sequence[int] = (1, 2),
+                              interval: float = 0.5, duration: float = 6.0) -> list[dict]:
+    """Copier count and copy priority (wp tracking): a guest rewriting its RAM in order as fast
+    as it can, so that after each pause it writes into pages still owed; how many of those
+    writes had to wait for a copy-on-write, and how fast the guest went."""
+    args = ("--size", "128M", "--fill", "1", "--rate", "0", "--pattern", "seq", "--seed", "4",
+            "--duration", str(duration))
+    rows = []
+    for n in copiers:
+        for priority in (False, True):
+            rate, records = await _synth_run(workdir, args, EngineOptions(
+                interval=interval, copiers=n, priority=priority))
+            steady = records[1:]
+            rows.append({"copiers": n, "priority": priority,
+                         "cow_copies": sum(r["cow_copies"] for r in steady),
+                         "copier_copies": sum(r["copier_copies"] for r in steady),
+                         "guest_pages_per_s": rate, **_pause_row(records, skip=1)})
+    return rows
 
 
 def dedup_summary(rows: list[dict]) -> dict:
@@ -217,4 +238,5 @@ def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
 
 EXPERIMENTS = {"interval": interval_experiment, "qemu-interval": qemu_interval_experiment,
                "dedup": dedup_experiment, "scaling": scaling_experiment,
+               "priority": priority_experiment,
                "qemu": qemu_experiment}

@@ -100,7 +100,7 @@ class TrackedProgram:
 
     @classmethod
     async def start(cls, argv: Sequence[str], sock: Path, *, copiers: int | None = None,
-                    buffer_bytes: int = 64 << 20, tracking: str = "wp",
+                    buffer_bytes: int = 64 << 20, tracking: str = "wp", priority: bool = False,
                     attach_timeout: float = 30.0,
                     min_ram: int = 32 << 20, add_memory_backend: bool = False,
                     stdin: int | None = None, stdout: int | None = None,
@@ -120,7 +120,7 @@ class TrackedProgram:
         tracker = None
         try:
             tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes,
-                              tracking=tracking)
+                              tracking=tracking, priority=priority)
             if is_qemu(argv):
                 target = await QemuTarget.connect(qmp_path, proc.pid, ram.length, name=name,
                                                   argv=recorded, timeout=attach_timeout)
@@ -177,6 +177,7 @@ async def run_program(argv: Sequence[str], store: PageStore, options: EngineOpti
                                           copiers=options.copiers,
                                           buffer_bytes=options.buffer_bytes,
                                           tracking=options.tracking,
+                                          priority=options.priority,
                                           attach_timeout=attach_timeout, min_ram=min_ram,
                                           add_memory_backend=add_memory_backend)
         return await checkpoint_program(prog, store, options, **how)
@@ -214,7 +215,8 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
         exited.cancel()
         return 0
     if prog.proc and not exited.done():
-        prog.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):  # it may be exiting on its own
+            prog.proc.terminate()
     return await exited
 
 
@@ -227,7 +229,7 @@ async def serve(socket_path: Path, qmp_path: Path, store: PageStore, options: En
         log.info("waiting for QEMU's guest RAM on %s", socket_path)
         ram = await listener.accept()
         tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes,
-                          tracking=options.tracking)
+                          tracking=options.tracking, priority=options.priority)
     except BaseException:
         listener.close()
         raise

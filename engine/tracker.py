@@ -61,7 +61,7 @@ class Tracker:
 
     def __init__(self, ram: GuestRam, *, copiers: int | None = None,
                  buffer_bytes: int = 64 << 20, collect_pages: int = 2048,
-                 tracking: str = "wp") -> None:
+                 tracking: str = "wp", priority: bool = False) -> None:
         unit = ram.page_size if ram.page_size > PAGE else PAGE
         if ram.length % unit:
             raise TrackerError(f"guest RAM of {ram.length} bytes is not a whole number of "
@@ -83,7 +83,7 @@ class Tracker:
             "uffd": ram.uffd, "ramfd": ram.ramfd, "target_base": ram.addr,
             "length": ram.length, "offset": ram.offset, "unit": unit,
             "copiers": self.copiers, "buffer_bytes": buffer_bytes, "owe_all": 0,
-            "tracking": TRACKING[tracking],
+            "tracking": TRACKING[tracking], "priority": int(priority),
             "async_uffd": ram.async_uffd if tracking == "async" else -1, "pagemap_fd": pagemap,
         })
         err = ffi.new("char[256]")

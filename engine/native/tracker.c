@@ -21,6 +21,8 @@
 /* Per-unit copy state. A unit is never un-protected while it is OWED or COPYING. */
 enum { ST_NONE = 0, ST_OWED = 1, ST_COPYING = 2 };
 
+#define HINT_AHEAD 64 /* units after a copy-on-write fault that copiers take first */
+
 struct batch {
     struct batch *next;
     int n;          /* pages filled */
@@ -73,6 +75,12 @@ struct trk {
     pthread_t fault_thread;
     pthread_t *copiers;
     int ncopiers_started;
+
+    /* Copy priority hints: units the guest is likely to write next (after a copy-on-write
+     * fault), a ring the fault thread overwrites freely and copiers read first. Advisory:
+     * a stale hint costs one failed claim. */
+    _Atomic uint64_t hints[256];
+    atomic_uint_fast64_t hint_w, hint_r;
 
     /* Figures */
     atomic_uint_fast64_t faults, cow_copies, copier_copies, copier_waits;
@@ -229,6 +237,16 @@ static void serve_fault(struct trk *t, uint64_t addr)
     if (claim_unit(t, u)) {
         cow_copy(t, u);
         atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
+        if (t->cfg.priority) {
+            uint64_t w = atomic_load(&t->hint_w);
+            for (uint64_t k = 0; k < HINT_AHEAD; k++)
+                atomic_store_explicit(&t->hints[(w + k) % 256], u + 1 + k, memory_order_relaxed);
+            atomic_store(&t->hint_w, w + HINT_AHEAD);
+            /* a reader too far behind skips what was overwritten */
+            uint64_t r = atomic_load(&t->hint_r);
+            if (w + HINT_AHEAD - r > 256)
+                atomic_compare_exchange_strong(&t->hint_r, &r, w + HINT_AHEAD - 256);
+        }
     } else
         /* A copier holds it: its copy takes a microsecond; the page stays protected until then. */
         while (atomic_load_explicit(&t->st[u], memory_order_acquire) == ST_COPYING)
@@ -271,6 +289,18 @@ static void *fault_main(void *arg)
 static void fill_batch(struct trk *t, struct batch *b)
 {
     b->n = 0;
+    for (;;) {
+        uint64_t r = atomic_load(&t->hint_r);
+        if (b->n + (int)t->ppu > t->batch_pages || r >= atomic_load(&t->hint_w))
+            break;
+        if (!atomic_compare_exchange_weak(&t->hint_r, &r, r + 1))
+            continue;
+        uint64_t u = atomic_load_explicit(&t->hints[r % 256], memory_order_relaxed);
+        if (u < t->nunits && claim_unit(t, u)) {
+            copy_unit(t, u, b);
+            atomic_fetch_add_explicit(&t->copier_copies, 1, memory_order_relaxed);
+        }
+    }
     while (b->n + (int)t->ppu <= t->batch_pages) {
         uint64_t i = atomic_fetch_add(&t->cursor, 1);
         if (i >= t->owed_n)

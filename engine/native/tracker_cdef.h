@@ -12,6 +12,8 @@ struct trk_config {
     uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages held by copiers */
     int owe_all;            /* first arm owes every unit instead of SEEK_DATA's populated set */
     int tracking;           /* TRK_WP or TRK_ASYNC (below) */
+    int priority;           /* after a copy-on-write fault at unit u, copiers take the owed
+                               units after u first: the guest is likely to write them next */
     int async_uffd;         /* TRK_ASYNC: an unregistered uffd with UFFD_FEATURE_WP_ASYNC (owned) */
     int pagemap_fd;         /* TRK_ASYNC: the target's /proc/PID/pagemap, for PAGEMAP_SCAN (owned) */
 };

@@ -73,6 +73,7 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
                 prog = await TrackedProgram.start(
                     qemu_argv, sock, copiers=checkpoint.copiers,
                     buffer_bytes=checkpoint.buffer_bytes, tracking=checkpoint.tracking,
+                    priority=checkpoint.priority,
                     attach_timeout=attach_timeout,
                     stderr=asyncio.subprocess.PIPE)
                 proc, qmp = prog.proc, prog.target.qmp  # type: ignore[attr-defined]
