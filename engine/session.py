@@ -191,7 +191,8 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
     """Checkpoints prog every interval until it exits, stop is set, SIGINT/SIGTERM, or
     max_checkpoints; the checkpoint in flight is always committed whole. Returns the program's
     exit status: it is stopped at the end unless detach_on_exit (then 0, left running); one
-    that is not our child is always left running."""
+    that is not our child is always left running. If the engine fails, the program is ended
+    the same way before the error is raised: no VM is left behind without its terminal."""
     stop = stop or asyncio.Event()
     refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
     engine = Engine(prog.target, prog.tracker, store, options, parent=parent)
@@ -211,7 +212,14 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
             loop.remove_signal_handler(sig)
         refuse.cancel()
         await prog.untrack()  # the program runs on untracked from here
-    if (detach_on_exit or not prog.proc) and not exited.done():
+        status = await _let_go(prog, exited, detach_on_exit)
+    return status
+
+
+async def _let_go(prog: TrackedProgram, exited: asyncio.Future[int], detach: bool) -> int:
+    """Leaves the untracked program running (detach, or not our child: status 0) or stops it
+    and returns its exit status."""
+    if (detach or not prog.proc) and not exited.done():
         exited.cancel()
         return 0
     if prog.proc and not exited.done():

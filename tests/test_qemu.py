@@ -258,3 +258,15 @@ def test_serve_checkpoints_a_qemu_started_by_someone_else(tmp_path):
         if qemu:
             qemu.kill()
             qemu.wait()
+
+
+def test_refuses_a_qemu_whose_device_state_carries_guest_ram(tmp_path):
+    # A second, private RAM backend (a pc-dimm) is not skipped by x-ignore-shared: the device
+    # state would carry it, which the stream's RAM figures tell. Refused, and QEMU is stopped.
+    pidfile = tmp_path / "qemu.pid"
+    argv = [*qemu_argv(mem="128M", serial="none"), "-m", "128M,slots=1,maxmem=512M",
+            "-object", "memory-backend-ram,id=m1,size=256M", "-device", "pc-dimm,memdev=m1",
+            "-pidfile", str(pidfile)]
+    r = vmckpt("run", "--store", str(tmp_path / "store"), "--", *argv)
+    assert r.returncode == 2 and "puts guest RAM into its device state" in r.stderr, r.stderr
+    wait_for(lambda: not pidfile.exists(), 10, "QEMU to be stopped")
