@@ -30,7 +30,19 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    if name in ("interval", "qemu-interval", "scaling"):
+    if name == "hugepages":
+        for pages in ("4K", "2M"):
+            mine = [r for r in rows if r["pages"] == pages]
+            axes[0].plot([r["interval_s"] for r in mine], [r["pause_p50_ms"] for r in mine],
+                         "o-", label=pages)
+            axes[1].plot([r["interval_s"] for r in mine], [r["slowdown"] for r in mine], "o-",
+                         label=pages)
+        axes[0].set_ylabel("pause, median (ms)")
+        axes[1].set_ylabel("guest slowdown (1 - on/off)")
+        for ax in axes:
+            ax.set_xlabel("checkpoint interval (s)")
+            ax.legend(title="guest pages")
+    elif name in ("interval", "qemu-interval", "scaling"):
         x = "ram" if name == "scaling" else "interval_s"
         right = {"interval": ("slowdown", "guest slowdown (1 - on/off)"),
                  "qemu-interval": ("pause_p99_ms", "pause, p99 (ms)"),
@@ -59,6 +71,15 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         axes[1].plot(ids, [r["pause_ms"] for r in rows], ".")
         axes[1].set_xlabel("checkpoint")
         axes[1].set_ylabel("pause (ms)")
+    elif name == "priority":
+        labels = [f"{r['copiers']} copier{'s' if r['copiers'] > 1 else ''}, priority "
+                  f"{'on' if r['priority'] else 'off'}" for r in rows]
+        axes[0].barh(labels, [100 * r["cow_copies"] / max(1, r["cow_copies"] + r["copier_copies"])
+                              for r in rows])
+        axes[0].set_xlabel("owed pages copied on the guest's fault (%)")
+        axes[1].barh(labels, [r["guest_pages_per_s"] for r in rows])
+        axes[1].set_xlabel("guest writes (pages/s)")
+        axes[1].tick_params(labelleft=False)
     else:  # qemu
         kinds = [r["kind"] for r in rows]
         axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])

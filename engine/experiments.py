@@ -8,13 +8,14 @@ only ratios measured together mean anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 from asyncio.subprocess import PIPE
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,37 @@ async def interval_experiment(workdir: Path, *, strategies: Sequence[str] = STRA
                          "guest_pages_per_s": on, "guest_off_pages_per_s": off,
                          "slowdown": 1 - on / off})
     return rows
+
+
+async def hugepage_experiment(workdir: Path, *, intervals: Sequence[float] = (0.5, 1.0, 2.0),
+                              size: str = "256M", duration: float = 6.0) -> list[dict]:
+    """4 KiB vs 2 MiB (hugetlb) guest RAM, wp tracking: pause and guest slowdown vs interval.
+    Needs 2 MiB pages reserved in /proc/sys/vm/nr_hugepages (reserved here if root may)."""
+    need = -(-int(size[:-1]) * {"M": 1, "G": 1024}[size[-1]] // 2)
+    with _hugepages(need):
+        rows = []
+        for huge in (False, True):
+            args = ("--size", size, "--fill", "0.5", "--rate", "0", "--seed", "5",
+                    "--duration", str(duration), *(("--hugetlb",) if huge else ()))
+            off, _ = await _synth_run(workdir, args, None)
+            for interval in intervals:
+                on, records = await _synth_run(workdir, args, EngineOptions(interval=interval))
+                rows.append({"pages": "2M" if huge else "4K", "interval_s": interval,
+                             **_pause_row(records, skip=1), "guest_pages_per_s": on,
+                             "guest_off_pages_per_s": off, "slowdown": 1 - on / off})
+    return rows
+
+
+@contextlib.contextmanager
+def _hugepages(count: int) -> Iterator[None]:
+    """At least count free 2 MiB pages for the duration (as root), then the old reservation."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    old = int(path.read_text())
+    path.write_text(str(old + count))
+    try:
+        yield
+    finally:
+        path.write_text(str(old))
 
 
 async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: float = 0.1,
@@ -238,5 +270,5 @@ def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
 
 EXPERIMENTS = {"interval": interval_experiment, "qemu-interval": qemu_interval_experiment,
                "dedup": dedup_experiment, "scaling": scaling_experiment,
-               "priority": priority_experiment,
+               "priority": priority_experiment, "hugepages": hugepage_experiment,
                "qemu": qemu_experiment}
