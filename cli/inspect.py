@@ -71,16 +71,22 @@ def emit_json(value: Any) -> None:
 
 
 @contextmanager
-def reading(store_path: Path) -> Iterator[PageStore]:
-    """The store opened read-only; any failure to read it ends the command with one line."""
+def store_errors(store_path: Path) -> Iterator[None]:
+    """Any failure to open or read the store ends the command with one line."""
     try:
-        with open_store(store_path, readonly=True) as store:
-            yield store
+        yield
     except StoreError as e:
         _fail(str(e))
     except (KeyError, ValueError) as e:  # a record or map that is not what it should be
         _fail(f"cannot read store {store_path} ({type(e).__name__}: {e}); "
               "`vmckpt check` says what is damaged")
+
+
+@contextmanager
+def reading(store_path: Path) -> Iterator[PageStore]:
+    """The store opened read-only."""
+    with store_errors(store_path), open_store(store_path, readonly=True) as store:
+        yield store
 
 
 def checkpoint_arg(text: str, store_path: Path) -> int | str:
@@ -122,11 +128,17 @@ def table(rows: list[list[str]], left: int = 0) -> None:
 # ---------------------------------------------------------------------------- ls
 
 
+def age(text: str) -> float | None:
+    """An age like 90s, 10m, 2h, 3d in seconds; None if text is not one."""
+    ago = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    return float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[2]] if ago else None
+
+
 def since_time(text: str) -> float:
     """--since: a local ISO date/time, or an age like 90s, 10m, 2h, 3d."""
-    ago = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    if ago:
-        return time.time() - float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[2]]
+    seconds = age(text)
+    if seconds is not None:
+        return time.time() - seconds
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:

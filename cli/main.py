@@ -198,3 +198,4 @@ def preload_path_cmd() -> None:
 
 from vmckpt.cli import bench as _bench  # noqa: E402,F401 (registers `vmckpt bench`)
 from vmckpt.cli import inspect as _inspect  # noqa: E402,F401 (registers ls, show, ...)
+from vmckpt.cli import maintain as _maintain  # noqa: E402,F401 (registers prune, gc)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmckpt.engine.control import ControlServer
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.handoff import (
     MIN_BYTES_ENV,
@@ -192,12 +193,14 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
     max_checkpoints; the checkpoint in flight is always committed whole. Returns the program's
     exit status: it is stopped at the end unless detach_on_exit (then 0, left running); one
     that is not our child is always left running. If the engine fails, the program is ended
-    the same way before the error is raised: no VM is left behind without its terminal."""
+    the same way before the error is raised: no VM is left behind without its terminal. While
+    it runs, `vmckpt prune` and `vmckpt gc` reach it on the store's control socket."""
     stop = stop or asyncio.Event()
     refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
     engine = Engine(prog.target, prog.tracker, store, options, parent=parent)
     if on_engine:
         on_engine(engine)
+    control = await ControlServer.start(store, lambda: engine.parent)
     exited = asyncio.ensure_future(prog.wait_exit())
     exited.add_done_callback(lambda _: stop.set())
     loop = asyncio.get_running_loop()
@@ -211,6 +214,8 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         refuse.cancel()
+        if control:
+            await control.close()
         await prog.untrack()  # the program runs on untracked from here
         status = await _let_go(prog, exited, detach_on_exit)
     return status

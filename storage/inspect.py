@@ -142,7 +142,7 @@ class CheckReport:
         return self.complete and not self.problems
 
 
-def _decode(store: PageStore, rec: dict) -> MapDelta | Problem:
+def decode_map(store: PageStore, rec: dict) -> MapDelta | Problem:
     """A record's map blob, decoded and checked against the record; or what is wrong with it."""
     ckpt = rec["id"]
     blob = store.map_blob(ckpt)
@@ -169,7 +169,7 @@ def _decode(store: PageStore, rec: dict) -> MapDelta | Problem:
     return Problem("bad_map", f"checkpoint {ckpt}: its map {why}", ckpt)
 
 
-def _device_ids(rec: dict, page_size: int) -> np.ndarray | None:
+def device_ids(rec: dict, page_size: int) -> np.ndarray | None:
     """The page ids of a record's device state, None if its reference is malformed."""
     ref = rec["device_state"]
     raw = ref["ids"]
@@ -178,7 +178,7 @@ def _device_ids(rec: dict, page_size: int) -> np.ndarray | None:
     return np.frombuffer(raw, np.uint8).reshape(-1, ID_BYTES)
 
 
-def _ranges(ids: Iterable[int]) -> str:
+def id_ranges(ids: Iterable[int]) -> str:
     """1 2 3 5 -> '1-3, 5'."""
     pfns = np.array(sorted(ids), np.int64)
     return ", ".join(f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in runs(pfns))
@@ -207,7 +207,7 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
         if late():
             break
         ckpt, parent = rec["id"], rec.get("parent")
-        delta = _decode(store, rec)
+        delta = decode_map(store, rec)
         if isinstance(delta, Problem):
             report.problems.append(delta)
             broken[ckpt] = ckpt
@@ -229,7 +229,7 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
                 f"{cause}"), ckpt))
         rows = [delta.ids] if isinstance(delta, MapDelta) else []
         if rec.get("device_state"):
-            device = _device_ids(rec, store.page_size)
+            device = device_ids(rec, store.page_size)
             if device is None:
                 report.problems.append(Problem(
                     "bad_device_state", f"checkpoint {ckpt} has a device state reference whose "
@@ -294,7 +294,7 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
     where: dict[bytes, list[tuple[int, int | None]]] = {pid: [] for pid in bad}
     for rec in records:
         ckpt, parent = rec["id"], rec.get("parent")
-        delta = _decode(store, rec)
+        delta = decode_map(store, rec)
         if isinstance(delta, MapDelta):
             # Below a broken chain (reported already) only a delta's own frames are known.
             mine = held[parent].copy() if rec["map"]["kind"] == "delta" and parent in held \
@@ -306,7 +306,7 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
             held[ckpt] = mine
             for pfn, pid in sorted(mine.items()):
                 where[pid].append((ckpt, pfn))
-        if rec.get("device_state") and (device := _device_ids(rec, store.page_size)) is not None:
+        if rec.get("device_state") and (device := device_ids(rec, store.page_size)) is not None:
             for row in device:
                 if row.tobytes() in bad:
                     where[row.tobytes()].append((ckpt, None))
@@ -321,7 +321,7 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
         frame = "device state" if pfn is None else f"pfn {pfn:#x}"
         report.problems.append(Problem(
             kind, f"checkpoint {ckpt} {frame}: page {pid.hex()} {what}; checkpoints that need "
-                  f"it: {_ranges(ckpts)}", ckpt, pfn, pid.hex(), ckpts))
+                  f"it: {id_ranges(ckpts)}", ckpt, pfn, pid.hex(), ckpts))
 
 
 @dataclass

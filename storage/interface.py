@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from vmckpt.storage.pagemap import MapDelta, PageMap
@@ -15,6 +17,12 @@ class PutResult:
     new: int    # pages written
     dup: int    # pages the store already had (dedup hits)
     bytes: int  # bytes written
+
+
+@dataclass
+class Sweep:
+    stored: int  # pages stored when the sweep began
+    freed: int   # of those, pages deleted (or that would be, on a dry run)
 
 
 class PageStore(ABC):
@@ -68,6 +76,30 @@ class PageStore(ABC):
     @abstractmethod
     def disk_usage(self) -> dict[str, int]:
         """Bytes on disk: "pages", "records", "maps" (each one's table files) and "total"."""
+
+    # Maintenance (vmckpt prune/gc): safe while an engine in the same process commits.
+
+    @abstractmethod
+    def editing(self) -> AbstractContextManager[None]:
+        """Holds commits and other maintenance off, so that records read inside stay true
+        until replace_checkpoints writes what was decided from them."""
+
+    @abstractmethod
+    def replace_checkpoints(self, drop: Sequence[int], records: Sequence[dict],
+                            maps: dict[int, bytes]) -> None:
+        """In one atomic write: deletes the checkpoints drop (records and maps), stores the
+        updated records and the rewritten maps. Ids are never given out again."""
+
+    @abstractmethod
+    def sweep(self, mark: Callable[[], set[bytes]], *, dry_run: bool = False) -> Sweep:
+        """Deletes every stored page that is not live: live = what mark() returns (the pages
+        committed checkpoints name; it runs while pages may still be put) and every page put,
+        new or deduplicated, by a checkpoint not yet committed when the sweep began or while
+        it ran. dry_run: only counts."""
+
+    def control_socket(self) -> Path | None:
+        """Where an engine holding this store answers maintenance requests (None: nowhere)."""
+        return None
 
     def __enter__(self) -> PageStore:
         return self

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -25,11 +26,18 @@ from vmckpt.storage.errors import (
     StoreLocked,
     UnknownCheckpoint,
 )
-from vmckpt.storage.interface import PageStore, PutResult
+from vmckpt.storage.interface import PageStore, PutResult, Sweep
 from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
 
 FORMAT = {"name": "vmckpt-store", "version": 1, "page_size": 4096, "hash": "sha256"}
 CFS = ("pages", "records", "maps")
+LAST_ID = b"last_id"  # the highest id ever given out, once a prune has dropped the newest
+CONTROL_SOCKET = "control.sock"  # RocksDB leaves files it did not make alone
+
+
+def control_socket(path: str | Path) -> Path:
+    """Where an engine holding the store at path answers maintenance requests."""
+    return Path(path) / CONTROL_SOCKET
 
 
 def _key(ckpt: int) -> bytes:
@@ -86,10 +94,16 @@ class RocksStore(PageStore):
             raise FormatMismatch(f"{self.path} is a store of format {fmt.get('name')} "
                                  f"v{fmt.get('version')}; this vmckpt reads v{FORMAT['version']}")
         self.full_every = int(fmt["full_every"])
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pages: puts, the dedup set, a sweep
+        self._commits = threading.RLock()  # commits and edits of records and maps
+        self._maintenance = threading.Lock()  # one prune or gc at a time
         self._known_set: set[bytes] | None = None
-        self._last = max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
-                         default=0)
+        # Page ids put (new or dup) since the last commit, and while a sweep runs every id
+        # put: pages of a checkpoint in flight, which no record names yet.
+        self._uncommitted: set[bytes] = set()
+        self._young: set[bytes] | None = None
+        self._last = self._newest()
+        self._high = max(self._last, int.from_bytes(self.db.get(LAST_ID) or b"", "big"))
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nowal = WriteOptions()
@@ -108,6 +122,9 @@ class RocksStore(PageStore):
                 pid = raw_ids[i * ID_BYTES:(i + 1) * ID_BYTES]
                 if pid == ZERO_ID:
                     continue
+                self._uncommitted.add(pid)
+                if self._young is not None:
+                    self._young.add(pid)
                 if pid in known:
                     dup += 1
                     continue
@@ -119,6 +136,10 @@ class RocksStore(PageStore):
                 # record names them; a crash before that loses only pages nothing refers to.
                 self.db.write(batch, self._nowal)
         return PutResult(new, dup, new * size)
+
+    def _newest(self) -> int:
+        return max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
+                   default=0)
 
     def _known(self) -> set[bytes]:
         """Every stored page id, in memory for dedup against all history: read on first use
@@ -171,28 +192,83 @@ class RocksStore(PageStore):
         return pmap
 
     def commit_checkpoint(self, record: dict, delta: MapDelta) -> int:
-        parent = record.get("parent")
-        depth = 0
-        if parent is not None:
-            depth = self.get_record(parent)["map"]["depth"] + 1
-        if parent is None or depth >= self.full_every:
-            full = self.read_map(parent) if parent is not None else \
-                PageMap.empty(record["ram_size"] // self.page_size)
-            full.apply(delta)
-            kind, depth, blob = "full", 0, full.sparse().encode("full")
-        else:
-            kind, blob = "delta", delta.encode("delta")
-        with self._lock:
-            self.cf["pages"].flush()  # the pages this record names are on disk before it
-            ckpt = self._last + 1
-            record = {**record, "id": ckpt,
-                      "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
-            batch = WriteBatch(raw_mode=True)
-            batch.put(_key(ckpt), blob, self.cfh["maps"])
-            batch.put(_key(ckpt), msgpack.packb(record), self.cfh["records"])
-            self.db.write(batch, self._sync)  # the one atomic write that makes it visible
-            self._last = ckpt
+        with self._commits:  # a prune may not change the parent's chain under us
+            parent = record.get("parent")
+            depth = 0
+            if parent is not None:
+                depth = self.get_record(parent)["map"]["depth"] + 1
+            if parent is None or depth >= self.full_every:
+                full = self.read_map(parent) if parent is not None else \
+                    PageMap.empty(record["ram_size"] // self.page_size)
+                full.apply(delta)
+                kind, depth, blob = "full", 0, full.sparse().encode("full")
+            else:
+                kind, blob = "delta", delta.encode("delta")
+            with self._lock:
+                self.cf["pages"].flush()  # the pages this record names are on disk before it
+                ckpt = self._high + 1
+                record = {**record, "id": ckpt,
+                          "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
+                batch = WriteBatch(raw_mode=True)
+                batch.put(_key(ckpt), blob, self.cfh["maps"])
+                batch.put(_key(ckpt), msgpack.packb(record), self.cfh["records"])
+                self.db.write(batch, self._sync)  # the one atomic write that makes it visible
+                self._last = self._high = ckpt
+                self._uncommitted.clear()  # a record names them now
         return ckpt
+
+    @contextmanager
+    def editing(self) -> Iterator[None]:
+        with self._maintenance, self._commits:
+            yield
+
+    def replace_checkpoints(self, drop: Sequence[int], records: Sequence[dict],
+                            maps: dict[int, bytes]) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for ckpt in drop:
+            batch.delete(_key(ckpt), self.cfh["records"])
+            batch.delete(_key(ckpt), self.cfh["maps"])
+        for rec in records:
+            batch.put(_key(rec["id"]), msgpack.packb(rec), self.cfh["records"])
+        for ckpt, blob in maps.items():
+            batch.put(_key(ckpt), blob, self.cfh["maps"])
+        with self._commits:
+            # Ids stay unique: if the newest goes, the highest id given out is kept.
+            batch.put(LAST_ID, self._high.to_bytes(8, "big"))
+            self.db.write(batch, self._sync)
+            self._last = self._newest()
+
+    def sweep(self, mark: Callable[[], set[bytes]], *, dry_run: bool = False) -> Sweep:
+        with self._maintenance:
+            with self._lock:
+                live = set(self._uncommitted)
+                self._young = set()
+            try:
+                live |= mark()
+                # Under the lock no put interleaves: a page put until now is live, a later
+                # put of a swept id finds it gone from the dedup set and writes it again.
+                with self._lock:
+                    known = self._known()
+                    garbage = known - live - self._young
+                    stored = len(known)
+                    if garbage and not dry_run:
+                        batch = WriteBatch(raw_mode=True)
+                        batch.set_default_column_family(self.cfh["pages"])
+                        for pid in garbage:
+                            batch.delete(pid)
+                        self.db.write(batch, self._sync)
+                        known -= garbage
+            finally:
+                with self._lock:
+                    self._young = None
+        if garbage and not dry_run:
+            # Frees the disk space and drops the tombstones, so that page_count (RocksDB's
+            # key estimate) is exact again.
+            self.cf["pages"].compact_range(None, None)
+        return Sweep(stored, len(garbage))
+
+    def control_socket(self) -> Path:
+        return control_socket(self.path)
 
     def close(self) -> None:
         if self.db is not None:
@@ -213,8 +289,8 @@ class RocksStore(PageStore):
         return self.cf["pages"].items()
 
     def page_count(self) -> int:
-        # Pages are only ever added once each (dedup), so RocksDB's count is exact until gc
-        # deletes some and compaction has not caught up; cheap where a scan reads every page.
+        # Pages are only ever added once each (dedup), and gc compacts away what it deletes,
+        # so RocksDB's count is exact; cheap where a scan reads every page.
         return self.cf["pages"].property_int_value("rocksdb.estimate-num-keys")
 
     def disk_usage(self) -> dict[str, int]:
