@@ -68,8 +68,8 @@ class Writer:
         self.ram, self.args = ram, args
         self.rng = np.random.default_rng(args.seed)
         self.pool = self.rng.integers(0, 256, (256, PAGE), np.uint8)
-        self.popular = np.frombuffer(b"".join(popular_page(k) for k in range(POPULAR)),
-                                     np.uint8).reshape(POPULAR, PAGE)
+        self.popular = np.frombuffer(b"".join(popular_page(k) for k in range(args.popular)),
+                                     np.uint8).reshape(args.popular, PAGE)
         self.counter = 0
         self.cursor = 0
         n = len(ram)
@@ -97,7 +97,8 @@ class Writer:
         if zero.any():
             self.ram[idx[zero]] = 0
         if dup.any():
-            self.ram[idx[dup]] = self.popular[self.rng.integers(0, POPULAR, int(dup.sum()))]
+            self.ram[idx[dup]] = self.popular[self.rng.integers(0, len(self.popular),
+                                                                    int(dup.sum()))]
         if unique.any():
             u = idx[unique]
             content = self.pool[self.rng.integers(0, len(self.pool), len(u))]
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hot-fraction", type=float, default=0.1)
     p.add_argument("--hot-share", type=float, default=0.9)
     p.add_argument("--dup", type=float, default=0.0)
+    p.add_argument("--popular", type=int, default=POPULAR,
+                   help="how many distinct pages --dup writes draw from: many, and they leave "
+                        "the guest's RAM and come back (gc's dangerous case)")
     p.add_argument("--zero", type=float, default=0.0)
     p.add_argument("--partial", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,7 @@ from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
 FORMAT = {"name": "vmckpt-store", "version": 1, "page_size": 4096, "hash": "sha256"}
 CFS = ("pages", "records", "maps")
 LAST_ID = b"last_id"  # the highest id ever given out, once a prune has dropped the newest
+OPEN_ATTEMPTS = 20  # read-only opens, while a writer compacts
 CONTROL_SOCKET = "control.sock"  # RocksDB leaves files it did not make alone
 
 
@@ -69,16 +70,7 @@ class RocksStore(PageStore):
             raise NotAStore(f"no vmckpt store at {self.path}")
         if not fresh and not (self.path / "CURRENT").exists():
             raise NotAStore(f"{self.path} is not a vmckpt store (and not empty)")
-        opts = _options()
-        try:
-            self.db = Rdict(str(self.path), opts, column_families={c: _options() for c in CFS},
-                            access_type=AccessType.read_only() if readonly else
-                            AccessType.read_write())
-        except Exception as e:
-            if "lock" in str(e).lower():
-                raise StoreLocked(f"store {self.path} is locked by another process "
-                                  "(a running engine?)") from None
-            raise StoreError(f"cannot open store {self.path}: {e}") from None
+        self.db = self._open(readonly)
         self.cf = {c: self.db.get_column_family(c) for c in CFS}
         self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
         meta = self.db.get(b"format")
@@ -108,6 +100,24 @@ class RocksStore(PageStore):
         self._sync.sync = True
         self._nowal = WriteOptions()
         self._nowal.disable_wal = True
+
+    def _open(self, readonly: bool) -> Rdict:
+        access = AccessType.read_only() if readonly else AccessType.read_write()
+        attempts = OPEN_ATTEMPTS if readonly else 1
+        while True:
+            try:
+                return Rdict(str(self.path), _options(),
+                             column_families={c: _options() for c in CFS}, access_type=access)
+            except Exception as e:
+                text = str(e)
+                if "lock" in text.lower():
+                    raise StoreLocked(f"store {self.path} is locked by another process "
+                                      "(a running engine?)") from None
+                # A reader races the writer's compactions (gc runs one): a table file the
+                # manifest it read names may be gone by the time it opens it. Read again.
+                attempts -= 1
+                if "No such file" not in text or not attempts:
+                    raise StoreError(f"cannot open store {self.path}: {text}") from None
 
     def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
         raw_ids = np.ascontiguousarray(ids).tobytes()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vmckpt.engine.cycle import Engine, EngineOptions
@@ -14,12 +15,14 @@ from vmckpt.storage import open_store
 
 
 def run_with_references(store_path: Path, argv: Sequence[str], checkpoints: int,
-                        options: EngineOptions | None = None) -> list[bytes]:
-    """Runs argv under the engine; returns guest RAM copied at each pause (test-only hook)."""
-    refs: list[bytes] = []
+                        options: EngineOptions | None = None,
+                        reference: Callable[[memoryview], Any] = bytes) -> list[Any]:
+    """Runs argv under the engine; returns reference(guest RAM) taken at each pause (test-only
+    hook): a copy, or e.g. a digest where a copy of every checkpoint would not fit in memory."""
+    refs: list[Any] = []
 
     def hook(engine: Engine) -> None:
-        engine.on_paused = lambda e: refs.append(bytes(e.tracker.ram_view()))
+        engine.on_paused = lambda e: refs.append(reference(e.tracker.ram_view()))
 
     async def go() -> int:
         with open_store(store_path, create=True) as store:

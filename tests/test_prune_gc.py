@@ -1,0 +1,319 @@
+"""`vmckpt prune` and `vmckpt gc` through the real command, on stores made by real engine runs
+of the synthetic guest: a store of 220 checkpoints pruned and collected exactly, gc and prune
+forwarded to a running engine while it commits, the in-flight race made deterministic, and
+the error paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from conftest import run_with_references
+from test_inspect import (
+    VMCKPT,
+    as_json,
+    assert_one_line_error,
+    close,
+    ok,
+    raw_db,
+    run_synth,
+    vmckpt,
+    wait_for,
+)
+from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.synthguest import command as synth
+from vmckpt.storage import MapDelta, open_store, restore_image
+from vmckpt.storage.gc import referenced
+from vmckpt.storage.inspect import device_ids, map_chain
+
+CHECKPOINTS = 220
+KEEP_LAST, KEEP_EVERY = 20, 10
+
+
+def stored_ids(store: Path) -> set[bytes]:
+    """The page ids in the store, read behind vmckpt's back."""
+    db = raw_db(store, readonly=True)
+    pages = db.get_column_family("pages")
+    try:
+        return set(pages.keys())
+    finally:
+        close(db, pages)
+
+
+def contents(store: Path) -> str:
+    """A digest of every key and value of every part of the store."""
+    db = raw_db(store, readonly=True)
+    cfs = [db, *(db.get_column_family(c) for c in ("pages", "records", "maps"))]
+    h = hashlib.sha256()
+    for cf in cfs:
+        for key, value in cf.items():
+            h.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
+    close(db, *cfs[1:])
+    return h.hexdigest()
+
+
+def needed(store: Path, ckpts: list[int] | None = None) -> set[bytes]:
+    """The pages restoring the checkpoints (all by default) reads: computed from each one's
+    whole map and device state, not the way gc marks."""
+    with open_store(store, readonly=True) as s:
+        found: set[bytes] = set()
+        for rec in s.list_checkpoints():
+            if ckpts is not None and rec["id"] not in ckpts:
+                continue
+            pmap = s.read_map(rec["id"])
+            found.update(bytes(row) for row in pmap.ids[pmap.nonzero_pfns()])
+            if rec.get("device_state"):
+                found.update(bytes(r) for r in device_ids(rec, s.page_size) if r.any())
+        return found
+
+
+def digest(ram: memoryview) -> bytes:
+    return hashlib.sha256(ram).digest()
+
+
+def restored_digest(store: Path, ckpt: int, tmp_path: Path) -> bytes:
+    path = tmp_path / "ram.img"
+    with open_store(store, readonly=True) as s:
+        restore_image(s, ckpt, path)
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def test_prune_then_gc_frees_exactly_the_unreferenced_pages(tmp_path):
+    store = tmp_path / "store"
+    refs = run_with_references(store, synth("--size", "8M", "--rate", "5000", "--dup", "0.3",
+                                            "--popular", "512", "--zero", "0.1"),
+                               CHECKPOINTS, EngineOptions(interval=0.02), reference=digest)
+    assert len(refs) == CHECKPOINTS
+    with open_store(store, readonly=True) as s:
+        maps = {r["id"]: s.read_map(r["id"]).ids.copy() for r in s.list_checkpoints()}
+    assert sorted(maps) == list(range(1, CHECKPOINTS + 1))
+    keep = sorted({*range(CHECKPOINTS - KEEP_LAST + 1, CHECKPOINTS + 1),
+                   *range(KEEP_EVERY, CHECKPOINTS + 1, KEEP_EVERY)})
+    policy = ["--keep-last", str(KEEP_LAST), "--keep-every", str(KEEP_EVERY)]
+
+    before = contents(store)
+    plan = as_json("prune", "--store", str(store), *policy, "--dry-run")
+    assert contents(store) == before
+    assert plan["dry_run"] and not plan["forwarded"] and plan["checkpoints"] == CHECKPOINTS
+    assert plan["kept"] == keep
+    assert plan["dropped"] == sorted(set(maps) - set(keep))
+    text = ok("prune", "--store", str(store), *policy, "--dry-run").stdout
+    assert text.startswith(f"would drop {CHECKPOINTS - len(keep)} of {CHECKPOINTS} checkpoints "
+                           f"and rewrite {len(plan['rewritten'])} map(s) as full maps")
+
+    done = as_json("prune", "--store", str(store), *policy)
+    assert {k: v for k, v in done.items() if k != "dry_run"} == \
+        {k: v for k, v in plan.items() if k != "dry_run"}
+    records = {r["id"]: r for r in as_json("ls", "--store", str(store))}
+    assert sorted(records) == keep
+    for ckpt, rec in records.items():
+        # Parents are the nearest kept ancestors (here: the line 1, 2, ... thinned out) ...
+        earlier = [k for k in keep if k < ckpt]
+        assert rec["parent"] == (earlier[-1] if earlier else None)
+        # ... maps whose chain went through a dropped checkpoint are full, depths truthful ...
+        if ckpt in done["rewritten"]:
+            assert rec["map"]["kind"] == "full" and rec["parent"] != ckpt - 1
+    with open_store(store, readonly=True) as s:
+        for ckpt, rec in records.items():
+            chain = map_chain(s, rec)
+            assert rec["map"]["depth"] == len(chain) - 1
+            assert all(m["id"] in records for m in chain)
+            # ... and every kept map is what it was.
+            assert np.array_equal(s.read_map(ckpt).ids, maps[ckpt]), ckpt
+    assert {r["parent"] for r in done["reparented"]} <= {*keep, None}
+
+    stored, live = stored_ids(store), needed(store)
+    garbage = stored - live
+    assert len(garbage) > 1000  # the workload left pages behind that only dropped ones held
+    before = contents(store)
+    dry = as_json("gc", "--store", str(store), "--dry-run")
+    assert contents(store) == before
+    assert dry["pages_freed"] == len(garbage) and dry["pages_stored"] == len(stored)
+    assert ok("gc", "--store", str(store), "--dry-run").stdout.startswith(
+        f"would free {len(garbage):,} of {len(stored):,} pages")
+    freed = as_json("gc", "--store", str(store))
+    assert freed["pages_freed"] == len(garbage) and freed["bytes_freed"] == len(garbage) * 4096
+    assert freed["disk_bytes_after"] < freed["disk_bytes_before"]
+    assert stored_ids(store) == live
+    assert as_json("gc", "--store", str(store))["pages_freed"] == 0
+    assert as_json("stats", "--store", str(store))["stored_pages"] == len(live)
+    r = vmckpt("check", "--store", str(store), "--read-data")
+    assert r.returncode == 0 and r.stdout.startswith(
+        f"sound: {len(keep)} of {len(keep)} checkpoints checked, {len(live)} of {len(live)} "
+        "stored pages hashed"), r.stdout
+    for ckpt in keep:
+        assert restored_digest(store, ckpt, tmp_path) == refs[ckpt - 1], ckpt
+
+
+def test_a_page_put_while_gc_runs_is_kept(tmp_path):
+    """The dangerous race, made deterministic: while gc marks, the engine puts a page gc would
+    otherwise free (a dedup hit: nothing is written) and commits a checkpoint naming it."""
+    store = tmp_path / "store"
+    run_synth(store)
+    ok("prune", "--store", str(store), "--keep-last", "1")
+    garbage = sorted(stored_ids(store) - needed(store))
+    assert len(garbage) > 3
+    with open_store(store) as s:
+        pages = dict(zip(garbage[:3], s.get_pages(garbage[:3]), strict=True))
+        template = {k: v for k, v in s.get_record("latest").items() if k not in ("id", "map")}
+        stale = referenced(s)  # what a mark that listed the records too early would find
+
+        def put(pid: bytes, *, dup: bool = True) -> None:
+            res = s.put_pages(np.frombuffer(pid, np.uint8).reshape(1, 32),
+                              np.frombuffer(pages[pid], np.uint8).reshape(1, 4096))
+            assert (res.dup, res.new) == ((1, 0) if dup else (0, 1))  # dup: nothing written
+
+        def commit(pid: bytes) -> int:
+            delta = MapDelta(np.array([7], np.uint64), np.frombuffer(pid, np.uint8).reshape(1, 32))
+            return s.commit_checkpoint({**template, "parent": s.get_record("latest")["id"],
+                                        "time": time.time()}, delta)
+
+        first, second, third = garbage[:3]
+        put(first)  # in flight when gc begins, committed while it marks
+
+        def mark() -> set[bytes]:
+            commit(first)
+            put(second)  # put while gc marks, never committed
+            return stale
+
+        swept = s.sweep(mark)
+        assert swept.freed == len(garbage) - 2
+        assert s.has_pages(np.frombuffer(first + second + third, np.uint8).reshape(3, 32)
+                           ).tolist() == [True, True, False]
+        put(third, dup=False)  # swept: a later put writes it again
+        commit(third)
+        # Once no checkpoint in flight holds it (the commit ended that), the second page goes.
+        assert s.sweep(lambda: referenced(s)).freed == 1
+    assert stored_ids(store) == needed(store) >= {first, third}
+    assert vmckpt("check", "--store", str(store), "--read-data").returncode == 0
+
+
+def test_prune_and_gc_while_an_engine_commits(tmp_path):
+    store = tmp_path / "store"
+    open_store(store, create=True).close()
+    stale = socket.socket(socket.AF_UNIX)  # a socket file nobody serves: the engine replaces it
+    stale.bind(str(store / "control.sock"))
+    stale.close()
+    engine = subprocess.Popen(
+        [*VMCKPT, "run", "--store", str(store), "--interval", "0.05s", "--min-ram", "4M", "--",
+         *synth("--size", "8M", "--rate", "8000", "--dup", "0.6", "--popular", "1024")],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        def checkpoints() -> list[dict]:
+            return as_json("ls", "--store", str(store))
+
+        wait_for(lambda: len(checkpoints()) >= 20, 60, "20 checkpoints")
+        freed, newest_at_gc = 0, 0
+        for _ in range(6):
+            pruned = as_json("prune", "--store", str(store), "--keep-last", "3",
+                             "--keep-every", "5")
+            assert pruned["forwarded"] and not pruned["dry_run"]
+            newest_at_gc = checkpoints()[-1]["id"]
+            dry = as_json("gc", "--store", str(store), "--dry-run")
+            gc = as_json("gc", "--store", str(store))
+            assert gc["forwarded"] and dry["forwarded"]
+            freed += gc["pages_freed"]
+        assert freed > 0
+        wait_for(lambda: checkpoints()[-1]["id"] > newest_at_gc + 5, 60, "more checkpoints")
+        text = ok("gc", "--store", str(store)).stdout
+        assert "by the engine that holds the store" in text
+    finally:
+        engine.send_signal(signal.SIGINT)  # the checkpoint in flight is committed
+        _, err = engine.communicate(timeout=60)
+    assert engine.returncode in (0, -15, 143), err
+    assert not (store / "control.sock").exists()
+    r = vmckpt("check", "--store", str(store), "--read-data")
+    assert r.returncode == 0 and r.stdout.startswith("sound:"), r.stdout
+    records = checkpoints()
+    later = [r["id"] for r in records if r["id"] > newest_at_gc]
+    assert len(later) > 5
+    assert needed(store, later) <= stored_ids(store)
+    assert as_json("stats", "--store", str(store))["stored_pages"] == len(stored_ids(store))
+    with open_store(store, readonly=True) as s:
+        for rec in records:
+            restore_image(s, rec["id"], tmp_path / "ram.img")
+    # Stopped, the store is collected by the command itself, and nothing more is freed.
+    assert not as_json("gc", "--store", str(store))["forwarded"]
+    assert stored_ids(store) == needed(store)
+
+
+# -------------------------------------------------------------------------- errors
+
+
+COMMANDS = [["prune", "--keep-last", "2"], ["prune", "--keep-every", "2", "--dry-run"],
+            ["gc"], ["gc", "--dry-run"]]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("small") / "store"
+    run_synth(store, 3)
+    return store
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_missing_store(cmd, tmp_path):
+    assert_one_line_error(vmckpt(*cmd, "--store", str(tmp_path / "nothing")),
+                          "no vmckpt store at")
+
+
+def test_store_of_another_format(small, tmp_path):
+    copy = Path(shutil.copytree(small, tmp_path / "copy"))
+    db = raw_db(copy)
+    db[b"format"] = msgpack.packb({**msgpack.unpackb(db[b"format"]), "version": 99})
+    db.close()
+    before = contents(copy)
+    for cmd in COMMANDS:
+        assert_one_line_error(vmckpt(*cmd, "--store", str(copy)), "v99", "reads v1")
+    assert contents(copy) == before
+
+
+@pytest.mark.parametrize("policy,says", [
+    ([], "prune needs a policy"), (["--keep-last", "0"], "--keep-last"),
+    (["--keep-every", "-1"], "--keep-every"), (["--keep-within", "soon"], "--keep-within")])
+def test_prune_needs_a_valid_policy(small, policy, says):
+    before = contents(small)
+    assert_one_line_error(vmckpt("prune", "--store", str(small), *policy), says)
+    assert contents(small) == before
+
+
+def test_prune_keep_within(small):
+    assert as_json("prune", "--store", str(small), "--keep-within", "1h",
+                   "--dry-run")["dropped"] == []
+    assert as_json("prune", "--store", str(small), "--keep-within", "0s",
+                   "--dry-run")["kept"] == []
+
+
+def test_store_locked_by_a_program_that_does_not_answer(small, tmp_path):
+    copy = Path(shutil.copytree(small, tmp_path / "copy"))
+    stale = socket.socket(socket.AF_UNIX)  # an engine killed with -9 leaves its socket file
+    stale.bind(str(copy / "control.sock"))
+    stale.close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from vmckpt.storage import open_store; "
+         "s = open_store(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(copy)],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout and holder.stdout.readline() == b"held\n"
+        for cmd in COMMANDS:
+            assert_one_line_error(vmckpt(*cmd, "--store", str(copy)), "is locked by another "
+                                  "process and no engine answers on", "control.sock")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    # The stale socket file bothers neither RocksDB nor the commands.
+    assert json.loads(ok("stats", "--store", str(copy), "--json").stdout)["checkpoints"] == 3
+    assert not as_json("prune", "--store", str(copy), "--keep-last", "1")["forwarded"]
+    assert as_json("gc", "--store", str(copy))["pages_freed"] > 0
+    assert vmckpt("check", "--store", str(copy), "--read-data").returncode == 0
