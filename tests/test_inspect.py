@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -521,18 +523,26 @@ def test_store_of_another_format(copy, tmp_path):
         assert_one_line_error(vmckpt(*args(cmd, copy, tmp_path)), "v99", "reads v1")
 
 
-def test_everything_reads_a_store_an_engine_holds(good, tmp_path):
-    """Read-only opens work under the writer's lock; none of these commands writes."""
+@contextmanager
+def held_open(store: Path) -> Iterator[None]:
+    """The store held open for writing by another process (as an engine holds it), which
+    serves no control socket."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from vmckpt.storage import open_store; "
-         "s = open_store(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(good)],
+         "s = open_store(sys.argv[1]); print('held', flush=True); time.sleep(60)", str(store)],
         stdout=subprocess.PIPE)
     try:
         assert holder.stdout and holder.stdout.readline() == b"held\n"
+        yield
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+
+def test_everything_reads_a_store_an_engine_holds(good, tmp_path):
+    """Read-only opens work under the writer's lock; none of these commands writes."""
+    with held_open(good):
         assert "locked" in vmckpt("run", "--store", str(good), "--", "true").stderr
         for cmd in COMMANDS:
             r = vmckpt(*args(cmd, good, tmp_path))
             assert r.returncode == 0, (cmd, r.stderr)
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
