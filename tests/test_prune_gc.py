@@ -32,7 +32,7 @@ from test_inspect import (
 )
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.synthguest import command as synth
-from vmckpt.storage import MapDelta, open_store, restore_image
+from vmckpt.storage import MapDelta, PageStore, open_store, restore_image
 from vmckpt.storage.gc import referenced
 from vmckpt.storage.inspect import device_ids, map_chain
 
@@ -81,6 +81,13 @@ def leave_stale_socket(store: Path) -> None:
     """A control socket file nobody serves, as an engine killed with -9 leaves it."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(store / "control.sock"))
+
+
+def commit_next(s: PageStore, delta: MapDelta) -> int:
+    """Commits a checkpoint on top of the newest one, as an engine would."""
+    latest = s.get_record("latest")
+    rec = {k: v for k, v in latest.items() if k not in ("id", "map")}
+    return s.commit_checkpoint({**rec, "parent": latest["id"], "time": time.time()}, delta)
 
 
 def digest(ram: memoryview) -> bytes:
@@ -171,7 +178,6 @@ def test_a_page_put_while_gc_runs_is_kept(tmp_path):
     assert len(garbage) > 3
     with open_store(store) as s:
         pages = dict(zip(garbage[:3], s.get_pages(garbage[:3]), strict=True))
-        template = {k: v for k, v in s.get_record("latest").items() if k not in ("id", "map")}
         stale = referenced(s)  # what a mark that listed the records too early would find
 
         def put(pid: bytes, *, dup: bool = True) -> None:
@@ -180,9 +186,8 @@ def test_a_page_put_while_gc_runs_is_kept(tmp_path):
             assert (res.dup, res.new) == ((1, 0) if dup else (0, 1))  # dup: nothing written
 
         def commit(pid: bytes) -> int:
-            delta = MapDelta(np.array([7], np.uint64), np.frombuffer(pid, np.uint8).reshape(1, 32))
-            return s.commit_checkpoint({**template, "parent": s.get_record("latest")["id"],
-                                        "time": time.time()}, delta)
+            return commit_next(s, MapDelta(np.array([7], np.uint64),
+                                           np.frombuffer(pid, np.uint8).reshape(1, 32)))
 
         first, second, third = garbage[:3]
         put(first)  # in flight when gc begins, committed while it marks
@@ -296,6 +301,15 @@ def test_prune_keep_within(small):
                    "--dry-run")["dropped"] == []
     assert as_json("prune", "--store", str(small), "--keep-within", "0s",
                    "--dry-run")["kept"] == []
+
+
+def test_ids_are_never_given_out_again(small, tmp_path):
+    copy = Path(shutil.copytree(small, tmp_path / "copy"))
+    assert as_json("prune", "--store", str(copy), "--keep-every", "2")["dropped"] == [1, 3]
+    assert as_json("show", "--store", str(copy), "latest")["record"]["id"] == 2
+    with open_store(copy) as s:
+        assert commit_next(s, MapDelta(np.empty(0, np.uint64), np.empty((0, 32), np.uint8))) == 4
+    assert vmckpt("check", "--store", str(copy), "--read-data").returncode == 0
 
 
 def test_store_locked_by_a_program_that_does_not_answer(small, tmp_path):
