@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -12,7 +13,8 @@ from vmckpt.engine.handoff import GuestRam
 
 PAGE = 4096
 ID_BYTES = 32
-TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC}
+TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC, "hybrid": lib.TRK_HYBRID}
+USES_ASYNC_UFFD = ("async", "hybrid")
 
 
 class TrackerError(Exception):
@@ -73,10 +75,12 @@ class Tracker:
         if tracking not in TRACKING:
             raise TrackerError(f"unknown tracking {tracking!r}: one of {', '.join(TRACKING)}")
         pagemap = -1
-        if tracking == "async":
+        uses_async = tracking in USES_ASYNC_UFFD
+        if uses_async:
             if ram.async_uffd < 0:
-                raise TrackerError("async tracking needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN "
-                                   "(Linux 6.7+); this kernel has no WP_ASYNC: use --tracking wp")
+                raise TrackerError(f"{tracking} tracking needs UFFD_FEATURE_WP_ASYNC and "
+                                   "PAGEMAP_SCAN (Linux 6.7+); this kernel has no WP_ASYNC: use "
+                                   "--tracking wp")
             pagemap = os.open(f"/proc/{ram.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.tracking = tracking
         cfg = ffi.new("struct trk_config *", {
@@ -84,18 +88,18 @@ class Tracker:
             "length": ram.length, "offset": ram.offset, "unit": unit,
             "copiers": self.copiers, "buffer_bytes": buffer_bytes, "owe_all": 0,
             "tracking": TRACKING[tracking], "priority": int(priority),
-            "async_uffd": ram.async_uffd if tracking == "async" else -1, "pagemap_fd": pagemap,
+            "async_uffd": ram.async_uffd if uses_async else -1, "pagemap_fd": pagemap,
         })
         err = ffi.new("char[256]")
         self._t = lib.trk_create(cfg, err, len(err))
         if self._t == ffi.NULL:
             ram.uffd = -1  # closed by the native side
-            if tracking == "async":
+            if uses_async:
                 ram.async_uffd = -1
             raise TrackerError(ffi.string(err).decode())
         self.uffd = ram.uffd  # for baselines measured on the same registration
         ram.uffd = -1  # the tracker closes them
-        if tracking == "async":
+        if uses_async:
             ram.async_uffd = -1
         cap = max(collect_pages, unit // PAGE)
         self._pages = np.empty((cap, PAGE), np.uint8)
@@ -117,6 +121,17 @@ class Tracker:
             raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,
                         st.copied_in_arm)
+
+    def to_async(self) -> float:
+        """Hybrid tracking: call with the target paused once the armed checkpoint is drained;
+        moves the range onto the async uffd (see trk_to_async). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        rc = lib.trk_to_async(self._t)
+        if rc == -errno.ENOENT:
+            raise RamGone("the program unmapped its guest RAM")
+        if rc < 0:
+            raise TrackerError(f"switching to async tracking failed: {os.strerror(-rc)}")
+        return time.perf_counter() - t0
 
     def release(self) -> None:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""
