@@ -98,7 +98,12 @@ class Engine:
         pre_pages = sum(len(p) for p in copied.pfns)
         device = await asyncio.to_thread(put_blob, self.store, extra) if extra else None
         await asyncio.to_thread(self._drain, copied)
-        switch = await self._switch_to_async() if self.options.tracking == "hybrid" else None
+        switch = None
+        if self.options.tracking == "hybrid":
+            try:
+                switch = await self._switch_to_async()
+            except TargetGone as e:  # commit what is drained; the next pause ends the run
+                log.info("no switch back to async tracking: %s", e)
         delta = self._delta(copied)
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done

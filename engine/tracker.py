@@ -114,11 +114,7 @@ class Tracker:
     def arm(self) -> ArmStats:
         """Call with the target paused: owed <- dirty, write-protect it, dirty <- {}."""
         st = ffi.new("struct trk_arm_stats *")
-        rc = lib.trk_arm(self._t, st)
-        if rc == -errno.ENOENT:  # the range is no longer registered: no mapping to track
-            raise RamGone("the program unmapped its guest RAM")
-        if rc < 0:
-            raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
+        self._check(lib.trk_arm(self._t, st), "arming the checkpoint")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,
                         st.copied_in_arm)
 
@@ -126,12 +122,25 @@ class Tracker:
         """Hybrid tracking: call with the target paused once the armed checkpoint is drained;
         moves the range onto the async uffd (see trk_to_async). Returns the seconds it took."""
         t0 = time.perf_counter()
-        rc = lib.trk_to_async(self._t)
-        if rc == -errno.ENOENT:
+        self._check(lib.trk_to_async(self._t), "switching to async tracking")
+        return time.perf_counter() - t0
+
+    def _check(self, rc: int, what: str) -> None:
+        """Raises for a native failure: RamGone if the target's mapping is gone (ENOENT: the
+        range is no longer registered; EINVAL/ESRCH: an exiting target's range could not be
+        registered again while moving between uffds), else TrackerError."""
+        if rc == -errno.ENOENT or (rc in (-errno.EINVAL, -errno.ESRCH) and not self._mapped()):
             raise RamGone("the program unmapped its guest RAM")
         if rc < 0:
-            raise TrackerError(f"switching to async tracking failed: {os.strerror(-rc)}")
-        return time.perf_counter() - t0
+            raise TrackerError(f"{what} failed: {os.strerror(-rc)}")
+
+    def _mapped(self) -> bool:
+        """Whether the target still maps guest RAM at the handed-over address."""
+        try:
+            with open(f"/proc/{self.ram.pid}/maps") as f:
+                return any(int(line.split("-", 1)[0], 16) == self.ram.addr for line in f)
+        except OSError:
+            return False
 
     def release(self) -> None:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""
