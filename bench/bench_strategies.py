@@ -30,9 +30,10 @@ def test_pause_and_slowdown_vs_interval(benchmark, tmp_path):
     rows = _run(benchmark, interval_experiment, tmp_path)
     print(f"\nguest alone: {rows[0]['guest_off_pages_per_s']:.0f} pages/s")
     for r in rows:
-        print(f"  {r['strategy']:5s} {r['interval_s']:5.2f} s: pause {r['pause_p50_ms']:6.2f} / "
+        print(f"  {r['strategy']:6s} {r['interval_s']:5.2f} s: pause {r['pause_p50_ms']:6.2f} / "
               f"{r['pause_p99_ms']:6.2f} ms, {r['dirtied_p50']:7.0f} pages dirtied, guest "
-              f"{r['guest_pages_per_s']:7.0f} pages/s, slowdown {r['slowdown']:.0%}")
+              f"{r['guest_pages_per_s']:7.0f} pages/s, slowdown {r['slowdown']:.0%}, switch "
+              f"pause {r['switch_p50_ms']:.2f} ms")
 
 
 def test_data_per_checkpoint_and_dedup(benchmark, tmp_path):

@@ -49,7 +49,11 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
                  "scaling": ("drain_p50_ms", "drain, median (ms)")}[name]
         for s in STRATEGIES:
             mine = [r for r in rows if r["strategy"] == s]
-            axes[0].plot([r[x] for r in mine], [r["pause_p50_ms"] for r in mine], "o-", label=s)
+            line, = axes[0].plot([r[x] for r in mine], [r["pause_p50_ms"] for r in mine], "o-",
+                                 label=s)
+            if s == "hybrid":  # its second, switch-back pause after each drain
+                axes[0].plot([r[x] for r in mine], [r["switch_p50_ms"] for r in mine], "x--",
+                             color=line.get_color(), label="hybrid switch")
             axes[1].plot([r[x] for r in mine], [r[right[0]] for r in mine], "o-", label=s)
         axes[0].set_ylabel("pause, median (ms)")
         axes[1].set_ylabel(right[1])
@@ -99,10 +103,11 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("."),
               show_default=True, help="Directory for NAME.md and NAME.png.")
 def bench(name: str, out_dir: Path) -> None:
-    """Run an experiment and write a Markdown table and a plot: interval (pause and guest
-    slowdown per strategy and interval), qemu-interval (pause per strategy and interval on the
-    QEMU test guest), dedup (data per checkpoint of a duplicate-heavy guest), scaling (RAM
-    sizes), qemu (the test guest vs QEMU's own snapshots)."""
+    """Run an experiment and write a Markdown table and a plot: interval (pause, hybrid's
+    switch pause and guest slowdown per strategy and interval), qemu-interval (pause per
+    strategy and interval on the QEMU test guest), dedup (data per checkpoint of a
+    duplicate-heavy guest), scaling (RAM sizes), qemu (the test guest vs QEMU's own
+    snapshots)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("vmckpt").setLevel(logging.WARNING)  # one line a checkpoint is noise here
     with tempfile.TemporaryDirectory(prefix="vmckpt-bench-") as tmp:

@@ -40,7 +40,8 @@ GRID_COLUMNS, GRID_ROWS = 64, 16
 SHORT_ID = 12  # hex digits of a page id in tables
 # Record fields that hold seconds or bytes, shown with units by `show`.
 SECONDS = {"pause", "drain_time", "stop", "arm", "extra", "resume", "fault_service_p50",
-           "fault_service_p99", "seconds", "interval", "pre_arm", "commit_time"}
+           "fault_service_p99", "seconds", "interval", "pre_arm", "commit_time",
+           "switch_pause", "switch_move"}
 BYTES = {"ram_size", "page_size", "bytes_added", "buffer_bytes", "size", "bytes"}
 UNICODE = {"fork": "├─ ", "bar": "│  ", "zero": " ", "same": "·", "shades": "░▒▓█"}
 ASCII = {"fork": "|- ", "bar": "|  ", "zero": " ", "same": ".", "shades": ":+*#"}

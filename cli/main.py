@@ -64,6 +64,8 @@ def engine_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
                 pre_arm: str, priority: bool, **kw: Any) -> Any:
+        if tracking == "hybrid" and _duration(pre_arm):
+            raise click.UsageError("--pre-arm does not combine with --tracking hybrid")
         options = EngineOptions(interval=_duration(interval),
                                 copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=_size(buffer_size), tracking=tracking,
@@ -76,10 +78,12 @@ def engine_options(f: Callable) -> Callable:
         click.option("--copiers", type=int, default=None, help="Copier threads (default: cores)."),
         click.option("--buffer", "buffer_size", default="64M", show_default=True,
                      help="Bound on copied pages waiting for the store."),
-        click.option("--tracking", type=click.Choice(["wp", "async"]), default="wp",
+        click.option("--tracking", type=click.Choice(["wp", "async", "hybrid"]), default="wp",
                      show_default=True,
                      help="wp: write faults drive copy-on-write; async: the kernel records "
-                          "writes (WP_ASYNC), the pause copies the written pages."),
+                          "writes (WP_ASYNC), the pause copies the written pages; hybrid: "
+                          "async between checkpoints, wp while one drains (a second short "
+                          "pause after each drain switches back)."),
         click.option("--pre-arm", default="0", show_default=True,
                      help="Do each checkpoint's dirty-set work this long before its pause, "
                           "so the pause handles only pages written since (e.g. 200ms)."),

@@ -22,8 +22,9 @@ class EngineOptions:
     interval: float = 1.0
     copiers: int = field(default_factory=lambda: os.cpu_count() or 1)
     buffer_bytes: int = 64 << 20
-    tracking: str = "wp"
-    pre_arm: float = 0.0  # seconds before each pause to do its dirty-set work (0: off)
+    tracking: str = "wp"  # wp | async | hybrid (engine/tracker.py)
+    pre_arm: float = 0.0  # seconds before each pause to do its dirty-set work (0: off; not
+    #                       with hybrid: its arm moves the range between uffds, target paused)
     priority: bool = True  # copiers first take the units after a copy-on-write fault
 
 
@@ -58,6 +59,9 @@ class Engine:
         self.parent = parent
         self.on_paused = on_paused  # test hook: runs inside the pause (reference copies)
         self.current = store.read_map(parent) if parent else PageMap.empty(tracker.npages)
+        if options.tracking == "hybrid" and options.pre_arm:
+            raise ValueError("--pre-arm does not combine with hybrid tracking: its arm moves "
+                             "guest RAM between uffds, which needs the target paused")
         if self.current.npages != tracker.npages:
             raise ValueError(f"checkpoint {parent} has {self.current.npages} pages, the guest "
                              f"{tracker.npages}")
@@ -94,6 +98,12 @@ class Engine:
         pre_pages = sum(len(p) for p in copied.pfns)
         device = await asyncio.to_thread(put_blob, self.store, extra) if extra else None
         await asyncio.to_thread(self._drain, copied)
+        switch = None
+        if self.options.tracking == "hybrid":
+            try:
+                switch = await self._switch_to_async()
+            except TargetGone as e:  # commit what is drained; the next pause ends the run
+                log.info("no switch back to async tracking: %s", e)
         delta = self._delta(copied)
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
@@ -114,6 +124,10 @@ class Engine:
             "copier_copies": copies.copier_copies, "copier_waits": copies.copier_waits,
             "fault_service_p50": p50, "fault_service_p99": p99,
             "drain_time": t5 - t4, "interval_stretched": stretched,
+            # hybrid: the second, short pause after the drain that moves tracking back to
+            # async (seconds; "move": the unregister + register + protect-all inside it)
+            "switch_pause": switch[0] if switch else None,
+            "switch_move": switch[1] if switch else None,
             "strategy": asdict(self.options),
         }
         ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
@@ -129,6 +143,21 @@ class Engine:
             return self.tracker.arm(), time.perf_counter() - t0
         except RamGone as e:
             raise TargetGone(str(e)) from None
+
+    async def _switch_to_async(self) -> tuple[float, float]:
+        """Hybrid tracking, once the drain is complete (nothing owed is left, so nothing needs
+        copy-on-write): back to async tracking for the rest of the interval. While the range
+        moves between the uffds no write is tracked, so the target is paused for it (QMP
+        stop/cont, SIGSTOP/SIGCONT). Returns (pause, move) in seconds."""
+        t0 = time.perf_counter()
+        await self.target.pause()
+        try:
+            move = self.tracker.to_async()  # ~10 ms per 256 MiB: not worth a thread hop
+        except RamGone as e:
+            raise TargetGone(str(e)) from None
+        finally:
+            await self.target.resume()
+        return time.perf_counter() - t0, move
 
     def _drain(self, into: _Copied) -> None:
         """Moves every copied page of the armed checkpoint into the store."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -12,7 +13,8 @@ from vmckpt.engine.handoff import GuestRam
 
 PAGE = 4096
 ID_BYTES = 32
-TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC}
+TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC, "hybrid": lib.TRK_HYBRID}
+USES_ASYNC_UFFD = ("async", "hybrid")
 
 
 class TrackerError(Exception):
@@ -73,10 +75,12 @@ class Tracker:
         if tracking not in TRACKING:
             raise TrackerError(f"unknown tracking {tracking!r}: one of {', '.join(TRACKING)}")
         pagemap = -1
-        if tracking == "async":
+        uses_async = tracking in USES_ASYNC_UFFD
+        if uses_async:
             if ram.async_uffd < 0:
-                raise TrackerError("async tracking needs UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN "
-                                   "(Linux 6.7+); this kernel has no WP_ASYNC: use --tracking wp")
+                raise TrackerError(f"{tracking} tracking needs UFFD_FEATURE_WP_ASYNC and "
+                                   "PAGEMAP_SCAN (Linux 6.7+); this kernel has no WP_ASYNC: use "
+                                   "--tracking wp")
             pagemap = os.open(f"/proc/{ram.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self.tracking = tracking
         cfg = ffi.new("struct trk_config *", {
@@ -84,18 +88,18 @@ class Tracker:
             "length": ram.length, "offset": ram.offset, "unit": unit,
             "copiers": self.copiers, "buffer_bytes": buffer_bytes, "owe_all": 0,
             "tracking": TRACKING[tracking], "priority": int(priority),
-            "async_uffd": ram.async_uffd if tracking == "async" else -1, "pagemap_fd": pagemap,
+            "async_uffd": ram.async_uffd if uses_async else -1, "pagemap_fd": pagemap,
         })
         err = ffi.new("char[256]")
         self._t = lib.trk_create(cfg, err, len(err))
         if self._t == ffi.NULL:
             ram.uffd = -1  # closed by the native side
-            if tracking == "async":
+            if uses_async:
                 ram.async_uffd = -1
             raise TrackerError(ffi.string(err).decode())
         self.uffd = ram.uffd  # for baselines measured on the same registration
         ram.uffd = -1  # the tracker closes them
-        if tracking == "async":
+        if uses_async:
             ram.async_uffd = -1
         cap = max(collect_pages, unit // PAGE)
         self._pages = np.empty((cap, PAGE), np.uint8)
@@ -110,13 +114,33 @@ class Tracker:
     def arm(self) -> ArmStats:
         """Call with the target paused: owed <- dirty, write-protect it, dirty <- {}."""
         st = ffi.new("struct trk_arm_stats *")
-        rc = lib.trk_arm(self._t, st)
-        if rc == -errno.ENOENT:  # the range is no longer registered: no mapping to track
-            raise RamGone("the program unmapped its guest RAM")
-        if rc < 0:
-            raise TrackerError(f"arming the checkpoint failed: {os.strerror(-rc)}")
+        self._check(lib.trk_arm(self._t, st), "arming the checkpoint")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,
                         st.copied_in_arm)
+
+    def to_async(self) -> float:
+        """Hybrid tracking: call with the target paused once the armed checkpoint is drained;
+        moves the range onto the async uffd (see trk_to_async). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._check(lib.trk_to_async(self._t), "switching to async tracking")
+        return time.perf_counter() - t0
+
+    def _check(self, rc: int, what: str) -> None:
+        """Raises for a native failure: RamGone if the target's mapping is gone (ENOENT: the
+        range is no longer registered; EINVAL/ESRCH: an exiting target's range could not be
+        registered again while moving between uffds), else TrackerError."""
+        if rc == -errno.ENOENT or (rc in (-errno.EINVAL, -errno.ESRCH) and not self._mapped()):
+            raise RamGone("the program unmapped its guest RAM")
+        if rc < 0:
+            raise TrackerError(f"{what} failed: {os.strerror(-rc)}")
+
+    def _mapped(self) -> bool:
+        """Whether the target still maps guest RAM at the handed-over address."""
+        try:
+            with open(f"/proc/{self.ram.pid}/maps") as f:
+                return any(int(line.split("-", 1)[0], 16) == self.ram.addr for line in f)
+        except OSError:
+            return False
 
     def release(self) -> None:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""

@@ -24,7 +24,7 @@ def check_all(store_path, refs, tmp_path) -> None:
             assert got == ref, f"checkpoint {rec['id']} differs from guest RAM at its pause"
 
 
-@pytest.mark.parametrize("tracking", ["wp", "async"])
+@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
 def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking):
     # Fast, mixed writes (partial, duplicate, zero, fresh pages in never-touched holes) while
     # one copier with a small buffer drains.
@@ -35,6 +35,20 @@ def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking):
         checkpoints=50, options=EngineOptions(interval=0.02, copiers=1, buffer_bytes=1 << 20,
                                               tracking=tracking))
     check_all(store, refs, tmp_path)
+    if tracking == "hybrid":
+        check_hybrid(store)
+
+
+def check_hybrid(store_path, min_cow: int = 1) -> None:
+    """Hybrid really switched: every checkpoint's drain ended in a switch pause back to async,
+    and the checkpoints after the first (armed from an async scan) drained copy-on-write."""
+    with open_store(store_path, readonly=True) as store:
+        records = store.list_checkpoints()
+    assert all(r["strategy"]["tracking"] == "hybrid" for r in records)
+    assert all(r["switch_pause"] and 0 < r["switch_move"] < r["switch_pause"] for r in records)
+    later = records[1:]
+    assert sum(r["cow_copies"] for r in later) >= min_cow, [r["cow_copies"] for r in later]
+    assert all(r["copied_in_pause"] == 0 for r in later)  # no stop-and-copy, unlike async
 
 
 def test_writes_during_the_drain_take_copy_on_write(tmp_path):
@@ -69,7 +83,7 @@ def test_writes_during_the_drain_take_copy_on_write(tmp_path):
     check_all(tmp_path / "store", refs, tmp_path)
 
 
-@pytest.mark.parametrize("tracking", ["wp", "async"])
+@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
 @pytest.mark.parametrize("pattern", ["hot", "seq"])
 def test_consistency_patterns(tmp_path, pattern, tracking):
     store = tmp_path / "store"
@@ -80,7 +94,7 @@ def test_consistency_patterns(tmp_path, pattern, tracking):
     check_all(store, refs, tmp_path)
 
 
-@pytest.mark.parametrize("tracking", ["wp", "async"])
+@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
 def test_consistency_hugetlb(tmp_path, hugepages, tracking):
     store = tmp_path / "store"
     refs = run_with_references(

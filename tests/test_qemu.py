@@ -37,7 +37,7 @@ def wait_for(cond, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("tracking", ["wp", "async"])
+@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
 def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path, tracking):
     store, log = tmp_path / "store", tmp_path / "serial.log"
     digests: list[bytes] = []
@@ -76,6 +76,8 @@ def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path, track
             got = hashlib.sha256((tmp_path / "img").read_bytes()).digest()
             assert got == digests[rec["id"] - 1], f"checkpoint {rec['id']} differs"
         assert sum(r["pages_dirtied"] for r in s.list_checkpoints()[2:]) > 10000
+        if tracking == "hybrid":  # every drain switched back to async through QMP stop/cont
+            assert all(r["switch_pause"] for r in s.list_checkpoints())
 
     for ckpt in (1, last // 2, last):
         loaded, first = restore_and_watch(store, ckpt, tmp_path)

@@ -58,7 +58,8 @@ struct trk {
     atomic_uint_fast64_t cursor;     /* next owed[] slot a copier claims */
     atomic_uint_fast64_t remaining;  /* owed units not yet copied */
     int armed_once;
-    int async_on;        /* TRK_ASYNC: the range is on the async uffd (after the first arm) */
+    int async_on;        /* the range is on the async uffd (TRK_ASYNC after the first arm;
+                            TRK_HYBRID between a drain and the next arm) */
     int released;        /* copiers may start on the owed set (q_lock) */
     int stop_copy;       /* TRK_ASYNC arm: copiers copy into unpooled batches, unhashed (q_lock) */
 
@@ -475,17 +476,40 @@ static int scan_written(struct trk *t, uint64_t *n)
     return 0;
 }
 
-/* Moves the range from the sync uffd to the async one and protects all of it there. */
-static int go_async(struct trk *t)
+/* Moves the range from one uffd to the other and write-protects all of it there; the target
+ * must be paused, since no write is tracked in between. Measured on Linux 6.18 (shmem):
+ * - a range is on one uffd at a time: UFFDIO_REGISTER on the other fails with EBUSY while it is
+ *   registered, so it must be unregistered first;
+ * - UFFDIO_UNREGISTER clears every uffd-wp bit of the range (pagemap bit 57 -> 0, markers of
+ *   never-touched pages included), and right after UFFDIO_REGISTER on the async uffd
+ *   PAGEMAP_SCAN reports every page as written: nothing of the old protection survives, so the
+ *   whole range is protected again here, and a write between the unregister and that protect
+ *   would be seen by neither uffd (hence the pause);
+ * - unregister and protect-all each cost ~10 ms per 256 MiB fully populated (~28 ms per GiB),
+ *   ~3 ms per 256 MiB half populated.
+ * After the protect-all a PAGEMAP_SCAN with PM_SCAN_WP_MATCHING reports exactly the pages
+ * written since (never-touched ones included). */
+static int move_range(struct trk *t, int from, int to)
 {
     struct uffdio_range r = {.start = t->cfg.target_base, .len = t->cfg.length};
     struct uffdio_register reg = {.range = r, .mode = UFFDIO_REGISTER_MODE_WP};
 
-    if (ioctl(t->cfg.uffd, UFFDIO_UNREGISTER, &r) < 0 ||
-        ioctl(t->cfg.async_uffd, UFFDIO_REGISTER, &reg) < 0)
+    if (ioctl(from, UFFDIO_UNREGISTER, &r) < 0 || ioctl(to, UFFDIO_REGISTER, &reg) < 0)
         return -errno;
-    t->async_on = 1;
-    return trk_wp_range(t->cfg.async_uffd, r.start, r.len, 1);
+    t->async_on = to == t->cfg.async_uffd;
+    return trk_wp_range(to, r.start, r.len, 1);
+}
+
+/* Marks t->owed[0..n) dirty (the written set of a scan joins the fault-dirtied set). */
+static void mark_dirty(struct trk *t, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t u = t->owed[i];
+        if (!(t->dirty[u / 64] & (1ull << (u % 64)))) {
+            t->dirty[u / 64] |= 1ull << (u % 64);
+            t->dirty_units++;
+        }
+    }
 }
 
 /* The dirty bitmap (sync faults) into t->owed; clears it. Scans 64 units per word. */
@@ -532,19 +556,33 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
             rc = scan_written(t, &n);
         } else {
             n = take_dirty(t); /* written under the sync uffd since the first arm */
-            rc = go_async(t);
+            rc = move_range(t, t->cfg.uffd, t->cfg.async_uffd);
         }
         st->runs = 1;
         if (!rc)
             stop_and_copy(t, n);
         st->copied_in_arm = n;
     } else {
-        /* owed <- dirty; dirty <- {}; protect the owed set. */
+        /* owed <- dirty; dirty <- {}; protect the owed set. TRK_HYBRID after a switch: the
+         * written set of the async period joins the dirty set (faults before the switch), and
+         * the range moves back onto the sync uffd, all of it protected: the owed set for
+         * copy-on-write, the rest so that its first write is recorded. */
+        int moved = 0;
+        if (t->async_on) {
+            rc = scan_written(t, &n);
+            mark_dirty(t, n);
+            if (!rc)
+                rc = move_range(t, t->cfg.async_uffd, t->cfg.uffd);
+            moved = 1;
+            st->runs = 1;
+        }
         n = take_dirty(t);
         for (uint64_t i = 0; i < n; i++)
             atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
         t->owed_n = n;
-        rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit, &st->runs);
+        if (!moved)
+            rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit,
+                              &st->runs);
     }
     st->dirty_units = t->dirty_units;
     t->dirty_units = 0;
@@ -558,6 +596,25 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     t->armed_once = 1;
     pthread_mutex_unlock(&t->arm_lock);
     st->arm_ns = now_ns() - t0;
+    return rc;
+}
+
+int trk_to_async(trk_t *t)
+{
+    int rc = 0;
+
+    if (t->cfg.tracking != TRK_HYBRID)
+        return -EINVAL;
+    pthread_mutex_lock(&t->arm_lock);
+    /* Nothing owed is left (so no unit needs copy-on-write any more); a fault the fault thread
+     * serves after the move marks its unit dirty (owed next time, harmlessly) and fails to
+     * un-protect it on the now unregistered sync uffd; the write it held is retried and lands
+     * on the async uffd, where the kernel records it. */
+    if (atomic_load(&t->remaining))
+        rc = -EBUSY;
+    else if (!t->async_on)
+        rc = move_range(t, t->cfg.uffd, t->cfg.async_uffd);
+    pthread_mutex_unlock(&t->arm_lock);
     return rc;
 }
 

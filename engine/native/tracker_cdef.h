@@ -11,19 +11,27 @@ struct trk_config {
     int copiers;            /* copier threads */
     uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages held by copiers */
     int owe_all;            /* first arm owes every unit instead of SEEK_DATA's populated set */
-    int tracking;           /* TRK_WP or TRK_ASYNC (below) */
+    int tracking;           /* TRK_WP, TRK_ASYNC or TRK_HYBRID (below) */
     int priority;           /* after a copy-on-write fault at unit u, copiers take the owed
                                units after u first: the guest is likely to write them next */
-    int async_uffd;         /* TRK_ASYNC: an unregistered uffd with UFFD_FEATURE_WP_ASYNC (owned) */
-    int pagemap_fd;         /* TRK_ASYNC: the target's /proc/PID/pagemap, for PAGEMAP_SCAN (owned) */
+    int async_uffd;         /* TRK_ASYNC, TRK_HYBRID: an unregistered uffd with
+                               UFFD_FEATURE_WP_ASYNC (owned) */
+    int pagemap_fd;         /* TRK_ASYNC, TRK_HYBRID: the target's /proc/PID/pagemap, for
+                               PAGEMAP_SCAN (owned) */
 };
 
 /* TRK_WP: every first write after a checkpoint faults to the fault thread (copy-on-write).
  * TRK_ASYNC: after the first checkpoint, the kernel records writes itself (WP_ASYNC, no fault
  * round trip); each arm finds them with one PAGEMAP_SCAN that also re-protects them, and copies
- * them before returning (stop-and-copy of the dirty set). */
+ * them before returning (stop-and-copy of the dirty set).
+ * TRK_HYBRID: async between checkpoints, sync write-protect while a checkpoint drains. Each arm
+ * after the first scans the async range (the written set, joined with what was dirtied by faults
+ * before the last switch), moves the range onto the sync uffd and protects all of it: the written
+ * set is owed and drained copy-on-write like TRK_WP. Once drained, trk_to_async() (target
+ * paused) moves the range back. */
 #define TRK_WP 0
 #define TRK_ASYNC 1
+#define TRK_HYBRID 2
 
 struct trk_arm_stats {
     uint64_t units_owed;    /* units owed to the checkpoint just armed */
@@ -50,6 +58,10 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st);
  * not take CPU from what the pause is waiting for (QEMU saving its device state). Faults are
  * served (copy-on-write included) from trk_arm on, released or not. */
 void trk_release(trk_t *t);
+/* TRK_HYBRID, with the target paused and the armed checkpoint drained (else -EBUSY): moves the
+ * range from the sync uffd to the async one and protects all of it. Units dirtied by faults so
+ * far stay in the dirty set and are owed by the next arm. 0 if the range already is async. */
+int trk_to_async(trk_t *t);
 int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t *zero,
                 int max_pages, int timeout_ms, int *done);
 void trk_get_stats(trk_t *t, struct trk_stats *st);
