@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -25,6 +26,7 @@ class QemuTarget:
                  name: str = "qemu", argv: Sequence[str] | None = None) -> None:
         self.qmp, self.pid, self.ram_length, self.name = qmp, pid, ram_length, name
         self.argv = list(argv) if argv else None
+        self._prepared: asyncio.Future[None] | None = None
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -69,6 +71,8 @@ class QemuTarget:
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
+            if self._prepared:
+                await self._prepared
             data, info = await self.qmp.save_device_state()
         sent = info.get("ram", {}).get("total", 0)
         if sent >= self.ram_length:
@@ -82,8 +86,13 @@ class QemuTarget:
     async def resume(self) -> None:
         await self._cmd("cont")
         self._mark(b"R")
+        # The next save's pipe goes to QEMU now, outside the pause that will use it.
+        self._prepared = asyncio.ensure_future(self.qmp.prepare_save())
 
     async def close(self) -> None:
+        if self._prepared:
+            with contextlib.suppress(Exception):
+                await self._prepared
         if self._keeper.stdin:
             self._keeper.stdin.close()
         self._keeper.wait()
