@@ -76,14 +76,13 @@ class Engine:
         await self.target.pause()
         t1 = time.perf_counter()
         try:
-            # Arm (native, GIL released) while the target saves its extra state (QEMU's own
-            # threads): both only need the guest stopped, so the pause takes the longer one.
-            arming = asyncio.ensure_future(asyncio.to_thread(self._arm))
-            try:
-                extra = await self.target.extra_state()
-                t2 = time.perf_counter()
-            finally:
-                arm, arm_secs = await arming
+            # Arm, then the extra state, one after the other: on two cores, arming in a thread
+            # while QEMU saved its devices made both slower (pause median 15.7 vs 10.5 ms,
+            # measured side by side on the QEMU test guest).
+            arm, arm_secs = self._arm()
+            t_arm = time.perf_counter()
+            extra = await self.target.extra_state()
+            t2 = time.perf_counter()
             at_arm = self.tracker.counters()
             if self.on_paused:
                 self.on_paused(self)
@@ -117,7 +116,7 @@ class Engine:
             "pages_changed": len(delta.pfns), "device_state": device,
             "pre_armed": {"pages": pre_pages, "seconds": copied.seconds},
             "pause": t4 - t0,
-            "pause_parts": {"stop": t1 - t0, "arm": arm_secs, "extra": t2 - t1,
+            "pause_parts": {"stop": t1 - t0, "arm": arm_secs, "extra": t2 - t_arm,
                             "resume": t4 - t3},
             "wp_runs": arm.runs, "copied_in_pause": arm.copied_in_arm, "faults": arm.faults,
             "cow_copies": copies.cow_copies,

@@ -94,9 +94,11 @@ class Qmp:
             os.close(w)  # QEMU holds its own copy: EOF comes when QEMU closes it
         self._out = r
 
-    async def save_device_state(self) -> tuple[bytes, dict]:
+    async def save_device_state(self) -> tuple[bytes, asyncio.Future[dict]]:
         """Runs a migration into a pipe that this process reads; returns the stream and QEMU's
-        figures for it. The guest must be stopped (shared RAM is skipped, not copied)."""
+        figures for it, still to come: QEMU closes the pipe only once the migration has ended,
+        so the guest may be continued before they are read (a round trip out of the pause).
+        The guest must be stopped (shared RAM is skipped, not copied)."""
         await self.prepare_save()
         r, self._out = self._out, None
         assert r is not None
@@ -109,8 +111,7 @@ class Qmp:
         finally:
             data = await reader
             os.close(r)
-        info = await self.wait_migration()
-        return data, info
+        return data, asyncio.ensure_future(self.wait_migration())
 
     async def load_device_state(self, data: bytes) -> dict:
         """Feeds a saved stream to a QEMU started with `-incoming defer`."""

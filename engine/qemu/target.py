@@ -27,6 +27,7 @@ class QemuTarget:
         self.qmp, self.pid, self.ram_length, self.name = qmp, pid, ram_length, name
         self.argv = list(argv) if argv else None
         self._prepared: asyncio.Future[None] | None = None
+        self._outcome: asyncio.Future[dict] | None = None
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -73,19 +74,26 @@ class QemuTarget:
         with self._failures("saving device state"):
             if self._prepared:
                 await self._prepared
-            data, info = await self.qmp.save_device_state()
-        sent = info.get("ram", {}).get("total", 0)
-        if sent >= self.ram_length:
-            raise QemuError(
-                f"this QEMU puts guest RAM into its device state ({sent >> 20} MiB of RAM "
-                "blocks were not skipped by x-ignore-shared): vmckpt cannot checkpoint it; "
-                "use memory-backend-memfd (QEMU 7.x) or a shared memory-backend-file under "
-                "/dev/shm")
+            data, self._outcome = await self.qmp.save_device_state()
         return data
 
     async def resume(self) -> None:
-        await self._cmd("cont")
-        self._mark(b"R")
+        outcome, self._outcome = self._outcome, None
+        try:
+            await self._cmd("cont")
+            self._mark(b"R")
+        finally:
+            if outcome:  # the device-state save's outcome: a failed one fails the checkpoint
+                with self._failures("saving device state"):
+                    info = await outcome
+        if outcome:
+            sent = info.get("ram", {}).get("total", 0)
+            if sent >= self.ram_length:
+                raise QemuError(
+                    f"this QEMU puts guest RAM into its device state ({sent >> 20} MiB of RAM "
+                    "blocks were not skipped by x-ignore-shared): vmckpt cannot checkpoint it; "
+                    "use memory-backend-memfd (QEMU 7.x) or a shared memory-backend-file under "
+                    "/dev/shm")
         # The next save's pipe goes to QEMU now, outside the pause that will use it.
         self._prepared = asyncio.ensure_future(self.qmp.prepare_save())
 
