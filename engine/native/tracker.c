@@ -416,15 +416,21 @@ static uint64_t populated_units(struct trk *t)
     return n;
 }
 
+/* Protects the given units (ascending) in as few ioctls as pays: a run goes on across a gap of
+ * up to WP_GAP_UNITS units outside the set. That is safe for the tracker's dirty set: a unit
+ * outside it is write-protected already (the first arm protects the whole range, and only a
+ * fault, which marks the unit dirty, un-protects one), so protecting it again changes nothing. */
+#define WP_GAP_UNITS 32
 int trk_wp_units(int uffd, uint64_t base, const uint64_t *units, uint64_t n, uint32_t unit,
                  uint64_t *runs)
 {
     uint64_t i = 0;
     while (i < n) {
         uint64_t j = i + 1;
-        while (j < n && units[j] == units[j - 1] + 1)
+        while (j < n && units[j] - units[j - 1] <= WP_GAP_UNITS + 1)
             j++;
-        int rc = trk_wp_range(uffd, base + units[i] * unit, (j - i) * unit, 1);
+        int rc = trk_wp_range(uffd, base + units[i] * unit, (units[j - 1] - units[i] + 1) * unit,
+                              1);
         if (rc < 0)
             return rc;
         (*runs)++;

@@ -71,7 +71,7 @@ void trk_destroy(trk_t *t);
 
 /* Baselines for the benchmarks, sharing the tracker's own primitives. */
 int trk_wp_range(int uffd, uint64_t start, uint64_t len, int protect);
-/* Write-protects sorted unit indices as coalesced runs, one ioctl per run. */
+/* Write-protects sorted unit indices in coalesced runs (across short already-protected gaps). */
 int trk_wp_units(int uffd, uint64_t base, const uint64_t *units, uint64_t n, uint32_t unit,
                  uint64_t *runs);
 void trk_hash_pages(const uint8_t *pages, int n, uint8_t *ids, uint8_t *zero);
