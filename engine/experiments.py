@@ -200,7 +200,7 @@ async def _qemu_snapshot(qmp: Qmp, path: Path, *, background: bool) -> tuple[flo
 
 async def qemu_experiment(workdir: Path, *, mem: str = "256M", work: str = "dirty",
                           strategies: Sequence[str] = STRATEGIES, interval: float = 1.0,
-                          checkpoints: int = 10, snapshots: int = 3) -> list[dict]:
+                          checkpoints: int = 10, snapshots: int = 5) -> list[dict]:
     """The test guest under vmckpt (each strategy), then QEMU's paused `migrate` to a file and
     its `background-snapshot` on the same guest: pause, total time, bytes per checkpoint."""
     rows = []
