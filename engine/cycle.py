@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from vmckpt.engine.targets.base import Target, TargetGone
-from vmckpt.engine.tracker import PAGE, ArmStats, RamGone, Tracker
+from vmckpt.engine.tracker import PAGE, ArmStats, Tracker
 from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
 
 log = logging.getLogger("vmckpt")
@@ -138,10 +138,7 @@ class Engine:
 
     def _arm(self) -> tuple[ArmStats, float]:
         t0 = time.perf_counter()
-        try:
-            return self.tracker.arm(), time.perf_counter() - t0
-        except RamGone as e:
-            raise TargetGone(str(e)) from None
+        return self.tracker.arm(), time.perf_counter() - t0
 
     async def _switch_to_async(self) -> tuple[float, float]:
         """Hybrid tracking, once the drain is complete (nothing owed is left, so nothing needs
@@ -152,8 +149,6 @@ class Engine:
         await self.target.pause()
         try:
             move = self.tracker.to_async()  # ~10 ms per 256 MiB: not worth a thread hop
-        except RamGone as e:
-            raise TargetGone(str(e)) from None
         finally:
             await self.target.resume()
         return time.perf_counter() - t0, move

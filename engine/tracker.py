@@ -10,6 +10,7 @@ from dataclasses import astuple, dataclass
 import numpy as np
 from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.handoff import GuestRam
+from vmckpt.engine.targets.base import TargetGone
 
 PAGE = 4096
 ID_BYTES = 32
@@ -21,8 +22,9 @@ class TrackerError(Exception):
     """The native tracker failed; the message says where."""
 
 
-class RamGone(TrackerError):
-    """The target unmapped its guest RAM (it is exiting, or dropped that memory)."""
+class RamGone(TrackerError, TargetGone):
+    """The target unmapped its guest RAM (it is exiting, or dropped that memory): for the
+    cycle, the target is gone, wherever the tracker finds it out (arm, pre-arm, switch)."""
 
 
 @dataclass(frozen=True)

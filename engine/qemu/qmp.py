@@ -38,6 +38,7 @@ class Qmp:
         self.client = client
         self._sock = sock  # ours, for SCM_RIGHTS (qemu.qmp's own way fails under uvloop)
         self._out: int | None = None  # our end of the pipe QEMU already holds (prepare_save)
+        self._preparing = asyncio.Lock()
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], *, timeout: float = 30.0,
@@ -81,18 +82,20 @@ class Qmp:
 
     async def prepare_save(self) -> None:
         """Hands QEMU the pipe of the next device-state save ahead of the pause, so that inside
-        it only `migrate` is left (one QMP round trip and an SCM_RIGHTS message fewer)."""
-        if self._out is not None:
-            return
-        r, w = os.pipe()
-        try:
-            await self.send_fd(w, "vmckpt-out")
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)  # QEMU holds its own copy: EOF comes when QEMU closes it
-        self._out = r
+        it only `migrate` is left (one QMP round trip and an SCM_RIGHTS message fewer). One at a
+        time: QEMU keeps only the last fd of a name, and ours must be its other end."""
+        async with self._preparing:
+            if self._out is not None:
+                return
+            r, w = os.pipe()
+            try:
+                await self.send_fd(w, "vmckpt-out")
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                os.close(w)  # QEMU holds its own copy: EOF comes when QEMU closes it
+            self._out = r
 
     async def save_device_state(self) -> tuple[bytes, asyncio.Future[dict]]:
         """Runs a migration into a pipe that this process reads; returns the stream and QEMU's
