@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import uvloop
 from vmckpt.cli.main import main
-from vmckpt.engine.experiments import EXPERIMENTS, STRATEGIES
+from vmckpt.engine.experiments import EXPERIMENTS
 
 
 def markdown(rows: list[dict]) -> str:
@@ -47,7 +47,7 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         right = {"interval": ("slowdown", "guest slowdown (1 - on/off)"),
                  "qemu-interval": ("pause_p99_ms", "pause, p99 (ms)"),
                  "scaling": ("drain_p50_ms", "drain, median (ms)")}[name]
-        for s in STRATEGIES:
+        for s in dict.fromkeys(r["strategy"] for r in rows):
             mine = [r for r in rows if r["strategy"] == s]
             line, = axes[0].plot([r[x] for r in mine], [r["pause_p50_ms"] for r in mine], "o-",
                                  label=s)

@@ -89,8 +89,9 @@ class Engine:
             t3 = time.perf_counter()
         finally:
             await self.target.resume()
-        self.tracker.release()
         t4 = time.perf_counter()
+        self.tracker.release()
+        await self.target.settle()
         log.debug("resumed after %.2f ms; draining %d owed pages", (t4 - t0) * 1e3,
                   arm.units_owed * (self.tracker.unit // PAGE))
         copied, self._pre = self._pre or _Copied(), None
@@ -151,7 +152,9 @@ class Engine:
             move = self.tracker.to_async()  # ~10 ms per 256 MiB: not worth a thread hop
         finally:
             await self.target.resume()
-        return time.perf_counter() - t0, move
+        t1 = time.perf_counter()
+        await self.target.settle()
+        return t1 - t0, move
 
     def _drain(self, into: _Copied) -> None:
         """Moves every copied page of the armed checkpoint into the store."""

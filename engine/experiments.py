@@ -26,8 +26,17 @@ from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store
 
-STRATEGIES = ("wp", "async", "hybrid")
+# A tracking, and "+pre-arm": its dirty-set work done ahead of each pause (not with hybrid).
+STRATEGIES = ("wp", "wp+pre-arm", "async", "async+pre-arm", "hybrid")
 INTERVALS = (0.1, 0.25, 0.5, 1.0, 2.0)
+PRE_ARM = 0.1  # the "+pre-arm" strategies' lead: this, or a quarter of a shorter interval
+
+
+def options(strategy: str, interval: float) -> EngineOptions:
+    """The engine options of a strategy label at an interval."""
+    tracking, _, pre = strategy.partition("+")
+    return EngineOptions(interval=interval, tracking=tracking,
+                         pre_arm=min(PRE_ARM, interval / 4) if pre else 0.0)
 
 
 def _ms(values: Sequence[float], q: float) -> float:
@@ -78,7 +87,7 @@ async def interval_experiment(workdir: Path, *, strategies: Sequence[str] = STRA
     for strategy in strategies:
         for interval in intervals:
             on, records = await _synth_run(
-                workdir, args, EngineOptions(interval=interval, tracking=strategy))
+                workdir, args, options(strategy, interval))
             rows.append({"strategy": strategy, "interval_s": interval, **_pause_row(records),
                          "guest_pages_per_s": on, "guest_off_pages_per_s": off,
                          "slowdown": 1 - on / off})
@@ -121,8 +130,7 @@ async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: f
     """Data per checkpoint over a run of a duplicate-heavy guest: one row per checkpoint."""
     args = ("--size", "256M", "--fill", "0.3", "--rate", "20000", "--dup", "0.4", "--zero",
             "0.2", "--seed", "2", "--duration", str(checkpoints * interval * 3))
-    _, records = await _synth_run(
-        workdir, args, EngineOptions(interval=interval, tracking=strategy))
+    _, records = await _synth_run(workdir, args, options(strategy, interval))
     return [{"id": r["id"], "pages_dirtied": r["pages_dirtied"],
              "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
              "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
@@ -158,7 +166,8 @@ def dedup_summary(rows: list[dict]) -> dict:
 
 
 async def scaling_experiment(workdir: Path, *, sizes: Sequence[str] = ("256M", "1G", "4G"),
-                             strategies: Sequence[str] = STRATEGIES, rate: int = 20000,
+                             strategies: Sequence[str] = ("wp", "async", "hybrid"),
+                             rate: int = 20000,
                              interval: float = 0.5, duration: float = 5.0) -> list[dict]:
     """Pause and drain at several RAM sizes with the same dirty rate: cost follows the dirty
     pages, not the RAM."""
@@ -168,7 +177,7 @@ async def scaling_experiment(workdir: Path, *, sizes: Sequence[str] = ("256M", "
                 "--duration", str(duration))
         for strategy in strategies:
             _, records = await _synth_run(
-                workdir, args, EngineOptions(interval=interval, tracking=strategy))
+                workdir, args, options(strategy, interval))
             rows.append({"ram": size, "strategy": strategy, **_pause_row(records)})
     return rows
 
@@ -207,8 +216,7 @@ async def qemu_experiment(workdir: Path, *, mem: str = "256M", work: str = "dirt
     for n, strategy in enumerate(strategies):
         async with await _booted(workdir, mem, strategy, work) as prog:
             with open_store(workdir / f"store-{strategy}", create=True) as store:
-                engine = Engine(prog.target, prog.tracker, store,
-                                EngineOptions(interval=interval, tracking=strategy))
+                engine = Engine(prog.target, prog.tracker, store, options(strategy, interval))
                 await engine.run(asyncio.Event(), max_checkpoints=checkpoints + 2)
             done = [(r["pause"], r["pause"] + r["drain_time"] + r["commit_time"],
                      r["bytes_added"] + r["device_state"]["size"])
@@ -234,7 +242,8 @@ async def _booted(workdir: Path, mem: str, strategy: str,
     """The test guest (dirtying: 5,000 pages/s over 64 MiB) under a tracker, once it counts."""
     log = workdir / f"serial-{strategy}-{work}.log"
     argv = qemu_argv(mem=mem, work=work, rate=5000, mb=64, serial=f"file:{log}")
-    prog = await TrackedProgram.start(argv, workdir / "e.sock", tracking=strategy)
+    prog = await TrackedProgram.start(argv, workdir / "e.sock",
+                                      tracking=options(strategy, 1.0).tracking)
     while not (log.exists() and ticks(log.read_bytes())):
         await asyncio.sleep(0.1)
     return prog
@@ -251,10 +260,10 @@ async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
         async with await _booted(workdir, mem, strategy) as prog:
             with open_store(workdir / f"store-{strategy}", create=True) as store:
                 engine = Engine(prog.target, prog.tracker, store,
-                                EngineOptions(interval=intervals[0], tracking=strategy))
+                                options(strategy, intervals[0]))
                 await engine.run(asyncio.Event(), max_checkpoints=2)  # tracking set up
                 for interval in intervals:
-                    engine.options.interval = interval
+                    engine.options = options(strategy, interval)
                     start = len(engine.records)
                     await engine.run(asyncio.Event(), max_checkpoints=start + checkpoints)
                     rows.append({"strategy": strategy, "interval_s": interval,

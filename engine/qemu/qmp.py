@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 import struct
@@ -14,16 +15,37 @@ from qemu.qmp import ExecuteError, QMPClient
 from vmckpt.engine.targets.base import pid_alive
 
 MIGRATION_DONE = ("completed", "failed", "cancelled")
+PIPE_BYTES = 1 << 20  # Linux's default /proc/sys/fs/pipe-max-size
 
 
 class QemuError(Exception):
     """QEMU refused or failed a command; the message says what QEMU said."""
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
+async def _read_to_eof(fd: int) -> bytes:
+    """Reads a pipe to its end on the event loop: no thread hop inside the pause."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    chunks: list[bytes] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+        loop.remove_reader(fd)
+
+    loop.add_reader(fd, readable)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
     return b"".join(chunks)
 
 
@@ -88,6 +110,9 @@ class Qmp:
             if self._out is not None:
                 return
             r, w = os.pipe()
+            # Room for a whole device state (~320 KB for a PC), so QEMU never waits on us.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             try:
                 await self.send_fd(w, "vmckpt-out")
             except BaseException:
@@ -105,7 +130,7 @@ class Qmp:
         await self.prepare_save()
         r, self._out = self._out, None
         assert r is not None
-        reader = asyncio.ensure_future(asyncio.to_thread(_read_all, r))
+        reader = asyncio.ensure_future(_read_to_eof(r))
         try:
             await self.cmd("migrate", uri="fd:vmckpt-out")
         except QemuError:

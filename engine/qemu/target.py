@@ -78,15 +78,14 @@ class QemuTarget:
         return data
 
     async def resume(self) -> None:
+        await self._cmd("cont")
+        self._mark(b"R")
+
+    async def settle(self) -> None:
         outcome, self._outcome = self._outcome, None
-        try:
-            await self._cmd("cont")
-            self._mark(b"R")
-        finally:
-            if outcome:  # the device-state save's outcome: a failed one fails the checkpoint
-                with self._failures("saving device state"):
-                    info = await outcome
-        if outcome:
+        if outcome:  # the device-state save's outcome: a failed one fails the checkpoint
+            with self._failures("saving device state"):
+                info = await outcome
             sent = info.get("ram", {}).get("total", 0)
             if sent >= self.ram_length:
                 raise QemuError(
@@ -98,9 +97,10 @@ class QemuTarget:
         self._prepared = asyncio.ensure_future(self.qmp.prepare_save())
 
     async def close(self) -> None:
-        if self._prepared:
-            with contextlib.suppress(Exception):
-                await self._prepared
+        for pending in (self._outcome, self._prepared):  # a cycle that failed mid-way
+            if pending:
+                with contextlib.suppress(Exception):
+                    await pending
         if self._keeper.stdin:
             self._keeper.stdin.close()
         self._keeper.wait()

@@ -29,7 +29,12 @@ class Target(Protocol):
     async def extra_state(self) -> bytes | None:
         """State beyond RAM taken while paused (QEMU's devices); None for a plain process."""
 
-    async def resume(self) -> None: ...
+    async def resume(self) -> None:
+        """Lets the guest run again; returns as soon as it does (the pause ends here)."""
+
+    async def settle(self) -> None:
+        """After resume: confirms that the extra state taken in the pause is whole (QEMU
+        reports its save's outcome only after the guest may run); raises if it is not."""
 
     async def close(self) -> None:
         """Lets go of the target; it runs on."""

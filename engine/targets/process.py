@@ -67,6 +67,9 @@ class ProcessTarget:
     async def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
+    async def settle(self) -> None:
+        pass
+
     async def close(self) -> None:
         if self._keeper.stdin:
             self._keeper.stdin.close()  # the keeper sends a harmless SIGCONT and exits
