@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import uvloop
 from vmckpt.cli.main import main
-from vmckpt.engine.experiments import EXPERIMENTS
+from vmckpt.engine.experiments import EXPERIMENTS, FULL
 
 
 def markdown(rows: list[dict]) -> str:
@@ -85,7 +85,8 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         axes[1].set_xlabel("guest writes (pages/s)")
         axes[1].tick_params(labelleft=False)
     else:  # qemu
-        kinds = [r["kind"] for r in rows]
+        many = len({(r["ram"], r["work"]) for r in rows}) > 1
+        kinds = [f"{r['ram']} {r['work']}: {r['kind']}" if many else r["kind"] for r in rows]
         axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])
         axes[0].set_xlabel("pause, median (ms, log)")
         axes[0].set_xscale("log")
@@ -102,16 +103,19 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
 @click.argument("name", type=click.Choice(sorted(EXPERIMENTS)))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("."),
               show_default=True, help="Directory for NAME.md and NAME.png.")
-def bench(name: str, out_dir: Path) -> None:
+@click.option("--full", is_flag=True,
+              help="The full-size run (larger guests, longer runs; see the README).")
+def bench(name: str, out_dir: Path, full: bool) -> None:
     """Run an experiment and write a Markdown table and a plot: interval (pause, hybrid's
     switch pause and guest slowdown per strategy and interval), qemu-interval (pause per
     strategy and interval on the QEMU test guest), dedup (data per checkpoint of a
-    duplicate-heavy guest), scaling (RAM sizes), qemu (the test guest vs QEMU's own
-    snapshots)."""
+    duplicate-heavy guest), scaling (RAM sizes), priority (copiers and copy priority),
+    hugepages (4 KiB vs 2 MiB guest pages), qemu (the test guest vs QEMU's own snapshots).
+    Each fits in 10 minutes on a 2-core machine; --full runs the full sizes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("vmckpt").setLevel(logging.WARNING)  # one line a checkpoint is noise here
     with tempfile.TemporaryDirectory(prefix="vmckpt-bench-") as tmp:
-        rows = uvloop.run(EXPERIMENTS[name](Path(tmp)))
+        rows = uvloop.run(EXPERIMENTS[name](Path(tmp), **(FULL[name] if full else {})))
     table = markdown(rows)
     (out_dir / f"{name}.md").write_text(table)
     plot(name, rows, out_dir / f"{name}.png")

@@ -64,12 +64,13 @@ def engine_options(f: Callable) -> Callable:
     @functools.wraps(f)
     def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
                 pre_arm: str, priority: bool, **kw: Any) -> Any:
-        if tracking == "hybrid" and _duration(pre_arm):
+        lead = None if pre_arm == "auto" else _duration(pre_arm)
+        if tracking == "hybrid" and lead:
             raise click.UsageError("--pre-arm does not combine with --tracking hybrid")
         options = EngineOptions(interval=_duration(interval),
                                 copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=_size(buffer_size), tracking=tracking,
-                                pre_arm=_duration(pre_arm), priority=priority)
+                                pre_arm=lead, priority=priority)
         return f(options=options, **kw)
 
     for opt in reversed([
@@ -84,9 +85,11 @@ def engine_options(f: Callable) -> Callable:
                           "writes (WP_ASYNC), the pause copies the written pages; hybrid: "
                           "async between checkpoints, wp while one drains (a second short "
                           "pause after each drain switches back)."),
-        click.option("--pre-arm", default="0", show_default=True,
+        click.option("--pre-arm", default="auto", show_default=True,
                      help="Do each checkpoint's dirty-set work this long before its pause, "
-                          "so the pause handles only pages written since (e.g. 200ms)."),
+                          "so the pause handles only pages written since (e.g. 200ms; 0: "
+                          "off; auto: 100ms, or a quarter of a shorter interval, off with "
+                          "hybrid)."),
         click.option("--priority/--no-priority", default=True, show_default=True,
                      help="Copiers first take the pages after one the guest just wrote (wp)."),
         click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),

@@ -23,6 +23,11 @@ def test_run_ls_restore(tmp_path):
     assert r.returncode in (0, -15, 143), r.stderr
     listed = json.loads(vmckpt("ls", "--store", str(store), "--json").stdout)
     assert [c["id"] for c in listed] == [1, 2, 3, 4]
+    # The default strategy: wp, pre-armed a quarter of a 0.2 s interval ahead of each pause
+    # (from the third checkpoint on: the first two set tracking up).
+    assert all(r["strategy"]["tracking"] == "wp" and r["strategy"]["pre_arm"] == 0.05
+               for r in listed), listed
+    assert listed[3]["pre_armed"]["seconds"] > 0 and not listed[0]["pre_armed"]["seconds"]
     table = vmckpt("ls", "--store", str(store)).stdout.splitlines()
     assert table[0].split()[:2] == ["id", "parent"] and len(table) == 5
     r = vmckpt("restore", "--store", str(store), "--image", str(tmp_path / "img"), "latest")

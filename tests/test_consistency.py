@@ -24,16 +24,17 @@ def check_all(store_path, refs, tmp_path) -> None:
             assert got == ref, f"checkpoint {rec['id']} differs from guest RAM at its pause"
 
 
-@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
-def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking):
+@pytest.mark.parametrize(("tracking", "pre_arm"), [
+    ("wp", None), ("wp", 0.0), ("async", None), ("async", 0.0), ("hybrid", None)])
+def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking, pre_arm):
     # Fast, mixed writes (partial, duplicate, zero, fresh pages in never-touched holes) while
-    # one copier with a small buffer drains.
+    # one copier with a small buffer drains; with the default pre-arm (None) and without.
     store = tmp_path / "store"
     refs = run_with_references(
         store, synth("--size", "32M", "--fill", "0.3", "--rate", "0", "--pattern", "uniform",
                      "--dup", "0.2", "--zero", "0.1", "--partial", "0.4", "--seed", "7"),
         checkpoints=50, options=EngineOptions(interval=0.02, copiers=1, buffer_bytes=1 << 20,
-                                              tracking=tracking))
+                                              tracking=tracking, pre_arm=pre_arm))
     check_all(store, refs, tmp_path)
     if tracking == "hybrid":
         check_hybrid(store)
