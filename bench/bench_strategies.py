@@ -2,7 +2,7 @@
 duplicate-heavy guest, and scaling with RAM size (vmckpt.engine.experiments).
 
     .venv/bin/pytest bench/bench_strategies.py --benchmark-only -s
-    (or `vmckpt bench interval|dedup|scaling|qemu -o DIR` for Markdown tables and plots)
+    (or `vmckpt bench interval|dedup|priority|scaling -o DIR` for Markdown tables and plots)
 """
 
 from __future__ import annotations
