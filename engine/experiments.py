@@ -44,10 +44,11 @@ def _ms(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else float("nan")
 
 
-async def _synth_run(workdir: Path, args: Sequence[str],
-                     options: EngineOptions | None) -> tuple[float, list[dict]]:
-    """Runs the synthetic guest to the end of its --duration, checkpointed with options (or
-    not at all); returns its own write rate (pages/s) and the checkpoint records."""
+async def _synth_run(workdir: Path, args: Sequence[str], options: EngineOptions | None,
+                     max_checkpoints: int | None = None) -> tuple[float, list[dict]]:
+    """Runs the synthetic guest to the end of its --duration (or of max_checkpoints: then it is
+    stopped), checkpointed with options (or not at all); returns its own write rate (pages/s)
+    and the checkpoint records."""
     if options is None:
         proc = await asyncio.create_subprocess_exec(*synth(*args), stdout=PIPE)
         out, _ = await proc.communicate()
@@ -60,7 +61,7 @@ async def _synth_run(workdir: Path, args: Sequence[str],
         assert prog.proc.stdout
         out = asyncio.ensure_future(prog.proc.stdout.read())
         with open_store(Path(tmp) / "store", create=True) as store:
-            await checkpoint_program(prog, store, options)
+            await checkpoint_program(prog, store, options, max_checkpoints=max_checkpoints)
             records = store.list_checkpoints()
         return json.loads((await out).splitlines()[-1])["pages_per_s"], records
 
@@ -127,15 +128,15 @@ def _hugepages(count: int) -> Iterator[None]:
 
 
 async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: float = 0.1,
-                           strategy: str = "wp") -> list[dict]:
+                           strategy: str = DEFAULT_STRATEGY) -> list[dict]:
     """Data per checkpoint over a run of a duplicate-heavy guest: one row per checkpoint."""
     args = ("--size", "256M", "--fill", "0.3", "--rate", "20000", "--dup", "0.4", "--zero",
-            "0.2", "--seed", "2", "--duration", str(checkpoints * interval * 3))
-    _, records = await _synth_run(workdir, args, options(strategy, interval))
+            "0.2", "--seed", "2")
+    _, records = await _synth_run(workdir, args, options(strategy, interval), checkpoints)
     return [{"id": r["id"], "pages_dirtied": r["pages_dirtied"],
              "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
              "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
-             "pause_ms": r["pause"] * 1e3} for r in records[:checkpoints]]
+             "pause_ms": r["pause"] * 1e3} for r in records]
 
 
 async def priority_experiment(workdir: Path, *, copiers: Sequence[int] = (1, 2),
