@@ -17,9 +17,9 @@ from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
 log = logging.getLogger("vmckpt")
 
 # The default pre-arm lead: this, or a quarter of a shorter interval. On the QEMU test guest it
-# takes the write-protect of most of the dirty set out of the pause (pause p50 10.0 -> 7.2 ms at
-# 1 s, `vmckpt bench qemu`), and it did not slow the write-heavy synthetic guest (`vmckpt bench
-# interval`): see the README's results.
+# takes the write-protect of most of the dirty set out of the pause (pause p50 11.7 -> 8.1 ms at
+# 1 s, `vmckpt bench qemu`, 2026-12-01), and it did not slow the write-heavy synthetic guest
+# (`vmckpt bench interval`): see the README's results.
 PRE_ARM_AUTO = 0.1
 
 
