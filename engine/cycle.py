@@ -23,12 +23,6 @@ log = logging.getLogger("vmckpt")
 PRE_ARM_AUTO = 0.1
 
 
-def auto_pre_arm(interval: float, tracking: str) -> float:
-    """The pre-arm lead used when none is given: off with hybrid (its arm needs the target
-    paused), else PRE_ARM_AUTO or a quarter of a shorter interval."""
-    return 0.0 if tracking == "hybrid" else min(PRE_ARM_AUTO, interval / 4)
-
-
 @dataclass
 class EngineOptions:
     interval: float = 1.0
@@ -36,13 +30,14 @@ class EngineOptions:
     buffer_bytes: int = 64 << 20
     tracking: str = "wp"  # wp | async | hybrid (engine/tracker.py)
     pre_arm: float | None = None  # seconds before each pause to do its dirty-set work (0: off;
-    #                               None: auto_pre_arm; not with hybrid: its arm moves the range
-    #                               between uffds, which needs the target paused)
+    #                               None: auto, see __post_init__; not with hybrid: its arm moves
+    #                               the range between uffds, which needs the target paused)
     priority: bool = True  # copiers first take the units after a copy-on-write fault
 
     def __post_init__(self) -> None:
-        if self.pre_arm is None:
-            self.pre_arm = auto_pre_arm(self.interval, self.tracking)
+        if self.pre_arm is None:  # auto: PRE_ARM_AUTO or a quarter of a shorter interval
+            self.pre_arm = 0.0 if self.tracking == "hybrid" else min(PRE_ARM_AUTO,
+                                                                     self.interval / 4)
 
 
 @dataclass

@@ -19,15 +19,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from vmckpt.engine.cycle import Engine, EngineOptions, auto_pre_arm
+from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.qemu.qmp import Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store
 
-# A tracking, and "+pre-arm": its dirty-set work done ahead of each pause (the default lead,
-# auto_pre_arm; not with hybrid). "wp+pre-arm" is the engine's default.
+# A tracking, and "+pre-arm": its dirty-set work done ahead of each pause (the engine's auto
+# lead; not with hybrid). "wp+pre-arm" is the engine's default.
 STRATEGIES = ("wp", "wp+pre-arm", "async", "async+pre-arm", "hybrid")
 DEFAULT_STRATEGY = "wp+pre-arm"
 INTERVALS = (0.1, 0.25, 0.5, 1.0, 2.0)
@@ -37,7 +37,7 @@ def options(strategy: str, interval: float) -> EngineOptions:
     """The engine options of a strategy label at an interval."""
     tracking, _, pre = strategy.partition("+")
     return EngineOptions(interval=interval, tracking=tracking,
-                         pre_arm=auto_pre_arm(interval, tracking) if pre else 0.0)
+                         pre_arm=None if pre else 0.0)
 
 
 def _ms(values: Sequence[float], q: float) -> float:
