@@ -16,6 +16,7 @@ PAGE = 4096
 ID_BYTES = 32
 TRACKING = {"wp": lib.TRK_WP, "async": lib.TRK_ASYNC, "hybrid": lib.TRK_HYBRID}
 USES_ASYNC_UFFD = ("async", "hybrid")
+STALL_SECONDS = 60.0
 
 
 class TrackerError(Exception):
@@ -148,8 +149,11 @@ class Tracker:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""
         lib.trk_release(self._t)
 
-    def collect(self, timeout_ms: int = 200) -> Collected | None:
-        """Next copied pages of the checkpoint in flight; None once it is drained whole."""
+    def collect(self, timeout_ms: int = 200, stall: float = STALL_SECONDS) -> Collected | None:
+        """Next copied pages of the checkpoint in flight; None once it is drained whole.
+        Copiers need nothing but CPU once released, so a drain that yields nothing for
+        `stall` seconds is a tracker bug: it is reported instead of waited on forever."""
+        since = time.monotonic()
         while True:
             n = lib.trk_collect(self._t, *self._c, len(self._pfns), timeout_ms, self._done)
             if n < 0:
@@ -159,6 +163,9 @@ class Tracker:
                                  self._pages[:n])
             if self._done[0]:
                 return None
+            if time.monotonic() - since > stall:
+                raise TrackerError(f"the drain made no progress for {stall:g} s "
+                                   "(a tracker bug: please report it)")
 
     def ram_view(self) -> memoryview:
         """The engine's read-only view of guest RAM (tests take reference copies through it)."""

@@ -316,11 +316,40 @@ static void fill_batch(struct trk *t, struct batch *b)
 /* Hands a filled batch over (or back, if empty); q_lock held. */
 static void put_batch(struct trk *t, struct batch *b)
 {
-    if (b->n)
+    if (b->n) {
         q_push(&t->ready, b);
-    else
-        q_push(b->pooled ? &t->free_pool : &t->spare_cow, b);
+    } else if (b->pooled) {
+        q_push(&t->free_pool, b);
+        pthread_cond_signal(&t->q_free);
+    } else {
+        q_push(&t->spare_cow, b);
+    }
     pthread_cond_broadcast(&t->q_ready);
+}
+
+/* Waits until this copier may start on the owed set and has a batch to fill; NULL when
+ * stopping. Every condition is checked again after every wake-up, under q_lock: a copier woken
+ * for pool space must not start on an owed set that a new arm is still publishing (trk_arm
+ * clears released first), and it counts as inflight from the moment it may claim. */
+static struct batch *take_batch(struct trk *t)
+{
+    struct batch *b = NULL;
+
+    pthread_mutex_lock(&t->q_lock);
+    while (!atomic_load(&t->stopping)) {
+        if (!t->released || atomic_load(&t->cursor) >= t->owed_n) {
+            pthread_cond_wait(&t->q_work, &t->q_lock);
+        } else if (!t->stop_copy && !t->free_pool.head) {
+            atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
+            pthread_cond_wait(&t->q_free, &t->q_lock);
+        } else {
+            b = t->stop_copy ? spare_batch(t) : q_pop(&t->free_pool);
+            t->inflight++;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&t->q_lock);
+    return b;
 }
 
 /* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over. During
@@ -329,25 +358,9 @@ static void put_batch(struct trk *t, struct batch *b)
 static void *copier_main(void *arg)
 {
     struct trk *t = arg;
-    for (;;) {
-        struct batch *b;
+    struct batch *b;
 
-        pthread_mutex_lock(&t->q_lock);
-        while (!atomic_load(&t->stopping) &&
-               (!t->released || atomic_load(&t->cursor) >= t->owed_n))
-            pthread_cond_wait(&t->q_work, &t->q_lock);
-        while (!atomic_load(&t->stopping) && !t->stop_copy && !t->free_pool.head) {
-            atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
-            pthread_cond_wait(&t->q_free, &t->q_lock);
-        }
-        if (atomic_load(&t->stopping)) {
-            pthread_mutex_unlock(&t->q_lock);
-            return NULL;
-        }
-        b = t->stop_copy ? spare_batch(t) : q_pop(&t->free_pool);
-        t->inflight++;
-        pthread_mutex_unlock(&t->q_lock);
-
+    while ((b = take_batch(t))) {
         fill_batch(t, b);
         b->hashed = b->pooled;
         if (b->pooled)
@@ -358,18 +371,27 @@ static void *copier_main(void *arg)
         put_batch(t, b);
         pthread_mutex_unlock(&t->q_lock);
     }
+    return NULL;
+}
+
+/* Makes t->owed[0..n) the owed set of the checkpoint being armed. Copiers are held off
+ * (released is clear) and faults by arm_lock, so the counters are whole before the first unit
+ * becomes OWED. */
+static void owe(struct trk *t, uint64_t n)
+{
+    atomic_store(&t->cursor, 0);
+    atomic_store(&t->remaining, n);
+    t->owed_n = n;
+    for (uint64_t i = 0; i < n; i++)
+        atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
 }
 
 /* An async arm's stop-and-copy of t->owed[0..n): the copiers and this thread together, into
  * unpooled batches; returns when every unit is copied. */
 static void stop_and_copy(struct trk *t, uint64_t n)
 {
-    for (uint64_t i = 0; i < n; i++)
-        atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
-    atomic_store(&t->cursor, 0);
-    atomic_store(&t->remaining, n);
+    owe(t, n);
     pthread_mutex_lock(&t->q_lock);
-    t->owed_n = n;
     t->stop_copy = t->released = 1;
     pthread_cond_broadcast(&t->q_work);
     while (atomic_load(&t->cursor) < n) {
@@ -544,6 +566,8 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
         pthread_mutex_unlock(&t->q_lock);
         return -EBUSY; /* the previous checkpoint has not been collected whole */
     }
+    /* From here no copier claims a unit until trk_release: take_batch checks released under
+     * q_lock, and a copier already claiming counts as inflight (busy above). */
     t->released = 0;
     pthread_mutex_unlock(&t->q_lock);
 
@@ -551,9 +575,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     if (!t->armed_once) {
         /* First checkpoint: everything populated is owed; protect the whole range at once. */
         n = populated_units(t);
-        for (uint64_t i = 0; i < n; i++)
-            atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
-        t->owed_n = n;
+        owe(t, n);
         rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base, t->cfg.length, 1);
         st->runs = 1;
     } else if (t->cfg.tracking == TRK_ASYNC) {
@@ -583,9 +605,7 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
             st->runs = 1;
         }
         n = take_dirty(t);
-        for (uint64_t i = 0; i < n; i++)
-            atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
-        t->owed_n = n;
+        owe(t, n);
         if (!moved)
             rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit,
                               &st->runs);
@@ -595,10 +615,6 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
     st->faults = atomic_load(&t->faults) - t->faults_at_arm;
     t->faults_at_arm = atomic_load(&t->faults);
     st->units_owed = n;
-    if (t->cfg.tracking != TRK_ASYNC || !t->async_on) {
-        atomic_store(&t->remaining, n);
-        atomic_store(&t->cursor, 0);
-    }
     t->armed_once = 1;
     pthread_mutex_unlock(&t->arm_lock);
     st->arm_ns = now_ns() - t0;
