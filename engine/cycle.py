@@ -134,6 +134,7 @@ class Engine:
             "wp_runs": arm.runs, "copied_in_pause": arm.copied_in_arm, "faults": arm.faults,
             "cow_copies": copies.cow_copies,
             "copier_copies": copies.copier_copies, "copier_waits": copies.copier_waits,
+            "cow_waits": copies.cow_waits,
             "fault_service_p50": p50, "fault_service_p99": p99,
             "drain_time": t5 - t4, "interval_stretched": stretched,
             # hybrid: the second, short pause after the drain that moves tracking back to

@@ -46,6 +46,7 @@ class Counters:
     cow_copies: int     # owed units the fault thread copied before letting a write through
     copier_copies: int
     copier_waits: int   # times a copier waited for buffer space
+    cow_waits: int      # times a guest write waited for buffer space (the store a buffer behind)
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -173,7 +174,8 @@ class Tracker:
 
     def counters(self) -> Counters:
         st = self._stats()
-        return Counters(st.faults, st.cow_copies, st.copier_copies, st.copier_waits)
+        return Counters(st.faults, st.cow_copies, st.copier_copies, st.copier_waits,
+                        st.cow_waits)
 
     def _stats(self) -> ffi.CData:
         st = ffi.new("struct trk_stats *")

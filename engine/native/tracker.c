@@ -22,12 +22,13 @@
 enum { ST_NONE = 0, ST_OWED = 1, ST_COPYING = 2 };
 
 #define HINT_AHEAD 64 /* units after a copy-on-write fault that copiers take first */
+#define COW_RESERVE 1 /* pooled batches copiers leave to the fault thread */
 
 struct batch {
     struct batch *next;
     int n;          /* pages filled */
     int hashed;     /* copier batches are hashed by the copier; fault batches by the collector */
-    int pooled;     /* from the bounded pool (copiers) or allocated on demand (fault thread) */
+    int pooled;     /* from the bounded pool, or allocated for an async stop-and-copy */
     uint64_t *pfns;
     uint8_t *ids;
     uint8_t *zero;
@@ -63,13 +64,18 @@ struct trk {
     int released;        /* copiers may start on the owed set (q_lock) */
     int stop_copy;       /* TRK_ASYNC arm: copiers copy into unpooled batches, unhashed (q_lock) */
 
-    /* Batches. Copiers draw from a bounded pool and wait when it is empty; the fault thread
-     * never waits for space: its copies go to batches allocated on demand (bounded by the owed
-     * set). All queues under q_lock. */
+    /* Batches, all from one pool of --buffer bytes, so the engine's memory does not grow with
+     * the guest's writes. Copiers leave COW_RESERVE batches to the fault thread, which waits
+     * for a free one only when the store has fallen a whole buffer behind: the guest's write
+     * then waits for the store, as under QEMU's background-snapshot. The exception is an async
+     * arm's stop-and-copy, which must hold the whole written set before the guest resumes: its
+     * batches are allocated for it and freed once collected. All queues under q_lock. */
     pthread_mutex_t q_lock;
     pthread_cond_t q_ready, q_free, q_work;
-    struct bqueue ready, free_pool, spare_cow;
-    int inflight;          /* pooled batches held by copiers */
+    struct bqueue ready, free_pool;
+    int free_n;            /* batches in free_pool */
+    int cow_holds;         /* the fault thread holds a batch (cow_cur): the reserve is in use */
+    int inflight;          /* batches held by copiers */
     pthread_mutex_t cow_lock;
     struct batch *cow_cur;
 
@@ -84,7 +90,7 @@ struct trk {
     atomic_uint_fast64_t hint_w, hint_r;
 
     /* Figures */
-    atomic_uint_fast64_t faults, cow_copies, copier_copies, copier_waits;
+    atomic_uint_fast64_t faults, cow_copies, copier_copies, copier_waits, cow_waits;
     atomic_uint_fast64_t hist[48];
     uint64_t faults_at_arm;
 };
@@ -194,37 +200,69 @@ static void bump_hist(struct trk *t, uint64_t ns)
     atomic_fetch_add_explicit(&t->hist[b < 48 ? b : 47], 1, memory_order_relaxed);
 }
 
-/* An unpooled batch: a spare one, or a new one (q_lock held). */
-static struct batch *spare_batch(struct trk *t)
+/* A batch for an async arm's stop-and-copy, outside the pool. */
+static struct batch *stop_copy_batch(struct trk *t)
 {
-    struct batch *b = q_pop(&t->spare_cow);
-    if (!b)
-        b = batch_new(t->batch_pages, 0);
+    struct batch *b = batch_new(t->batch_pages, 0);
     if (!b)
         abort(); /* out of memory: dying drops the uffd, the guest runs on */
     return b;
 }
 
-/* Copy-on-write into the fault thread's own batch: never waits for pool space. */
-static void cow_copy(struct trk *t, uint64_t u)
+/* Pool accounting (q_lock held). */
+static void pool_put(struct trk *t, struct batch *b)
+{
+    q_push(&t->free_pool, b);
+    t->free_n++;
+    /* the fault thread and copiers wait on q_free for different counts: wake them all */
+    pthread_cond_broadcast(&t->q_free);
+}
+
+static struct batch *pool_get(struct trk *t)
+{
+    struct batch *b = q_pop(&t->free_pool);
+    if (b)
+        t->free_n--;
+    return b;
+}
+
+/* Copy-on-write into the fault thread's own batch. Returns 0 without copying only when the
+ * tracker is stopping (the unit stays protected; closing the uffd lets the write through). */
+static int cow_copy(struct trk *t, uint64_t u)
 {
     pthread_mutex_lock(&t->cow_lock);
     if (!t->cow_cur) {
+        struct batch *b;
         pthread_mutex_lock(&t->q_lock);
-        t->cow_cur = spare_batch(t);
+        while (!(b = pool_get(t)) && !atomic_load(&t->stopping)) {
+            atomic_fetch_add_explicit(&t->cow_waits, 1, memory_order_relaxed);
+            pthread_cond_wait(&t->q_free, &t->q_lock);
+        }
+        if (b) {
+            /* copiers may take the last free batch while this one is held */
+            t->cow_holds = 1;
+            pthread_cond_broadcast(&t->q_free);
+        }
         pthread_mutex_unlock(&t->q_lock);
-        t->cow_cur->n = 0;
-        t->cow_cur->hashed = 0;
+        if (!b) {
+            pthread_mutex_unlock(&t->cow_lock);
+            return 0;
+        }
+        b->n = 0;
+        b->hashed = 0;
+        t->cow_cur = b;
     }
     copy_unit(t, u, t->cow_cur);
     if (t->cow_cur->n + (int)t->ppu > t->batch_pages) {
         pthread_mutex_lock(&t->q_lock);
         q_push(&t->ready, t->cow_cur);
+        t->cow_holds = 0;
         pthread_cond_signal(&t->q_ready);
         pthread_mutex_unlock(&t->q_lock);
         t->cow_cur = NULL;
     }
     pthread_mutex_unlock(&t->cow_lock);
+    return 1;
 }
 
 static void serve_fault(struct trk *t, uint64_t addr)
@@ -236,7 +274,10 @@ static void serve_fault(struct trk *t, uint64_t addr)
         return;
     pthread_mutex_lock(&t->arm_lock);
     if (claim_unit(t, u)) {
-        cow_copy(t, u);
+        if (!cow_copy(t, u)) {
+            pthread_mutex_unlock(&t->arm_lock);
+            return;
+        }
         atomic_fetch_add_explicit(&t->cow_copies, 1, memory_order_relaxed);
         if (t->cfg.priority) {
             uint64_t w = atomic_load(&t->hint_w);
@@ -316,14 +357,12 @@ static void fill_batch(struct trk *t, struct batch *b)
 /* Hands a filled batch over (or back, if empty); q_lock held. */
 static void put_batch(struct trk *t, struct batch *b)
 {
-    if (b->n) {
+    if (b->n)
         q_push(&t->ready, b);
-    } else if (b->pooled) {
-        q_push(&t->free_pool, b);
-        pthread_cond_signal(&t->q_free);
-    } else {
-        q_push(&t->spare_cow, b);
-    }
+    else if (b->pooled)
+        pool_put(t, b);
+    else
+        batch_free(b);
     pthread_cond_broadcast(&t->q_ready);
 }
 
@@ -339,11 +378,11 @@ static struct batch *take_batch(struct trk *t)
     while (!atomic_load(&t->stopping)) {
         if (!t->released || atomic_load(&t->cursor) >= t->owed_n) {
             pthread_cond_wait(&t->q_work, &t->q_lock);
-        } else if (!t->stop_copy && !t->free_pool.head) {
+        } else if (!t->stop_copy && t->free_n <= (t->cow_holds ? 0 : COW_RESERVE)) {
             atomic_fetch_add_explicit(&t->copier_waits, 1, memory_order_relaxed);
             pthread_cond_wait(&t->q_free, &t->q_lock);
         } else {
-            b = t->stop_copy ? spare_batch(t) : q_pop(&t->free_pool);
+            b = t->stop_copy ? stop_copy_batch(t) : pool_get(t);
             t->inflight++;
             break;
         }
@@ -395,7 +434,7 @@ static void stop_and_copy(struct trk *t, uint64_t n)
     t->stop_copy = t->released = 1;
     pthread_cond_broadcast(&t->q_work);
     while (atomic_load(&t->cursor) < n) {
-        struct batch *b = spare_batch(t);
+        struct batch *b = stop_copy_batch(t);
         t->inflight++;
         pthread_mutex_unlock(&t->q_lock);
         fill_batch(t, b);
@@ -690,6 +729,7 @@ int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t 
                 *done = out == 0 && !t->cow_cur && drained(t);
                 break;
             }
+            t->cow_holds = 0;
         } else if (!b || out + b->n > max_pages) {
             break;
         } else {
@@ -709,12 +749,10 @@ int trk_collect(trk_t *t, uint8_t *pages, uint8_t *ids, uint64_t *pfns, uint8_t 
         out += b->n;
 
         pthread_mutex_lock(&t->q_lock);
-        if (b->pooled) {
-            q_push(&t->free_pool, b);
-            pthread_cond_signal(&t->q_free);
-        } else {
-            q_push(&t->spare_cow, b);
-        }
+        if (b->pooled)
+            pool_put(t, b);
+        else
+            batch_free(b);
     }
     pthread_mutex_unlock(&t->q_lock);
     return out;
@@ -726,6 +764,7 @@ void trk_get_stats(trk_t *t, struct trk_stats *st)
     st->cow_copies = atomic_load(&t->cow_copies);
     st->copier_copies = atomic_load(&t->copier_copies);
     st->copier_waits = atomic_load(&t->copier_waits);
+    st->cow_waits = atomic_load(&t->cow_waits);
     for (int i = 0; i < 48; i++)
         st->fault_hist[i] = atomic_load(&t->hist[i]);
 }
@@ -788,16 +827,17 @@ trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen)
         fail(err, errlen, "tracker state", errno ? errno : ENOMEM);
         goto out;
     }
+    /* --buffer, but at least one batch a copier and the fault thread's reserve */
     nbatches = cfg->buffer_bytes / ((uint64_t)t->batch_pages * TRK_PAGE);
-    if (nbatches < 2u * (uint64_t)cfg->copiers)
-        nbatches = 2u * (uint64_t)cfg->copiers;
+    if (nbatches < (uint64_t)cfg->copiers + COW_RESERVE)
+        nbatches = (uint64_t)cfg->copiers + COW_RESERVE;
     for (uint64_t i = 0; i < nbatches; i++) {
         struct batch *b = batch_new(t->batch_pages, 1);
         if (!b) {
             fail(err, errlen, "copy buffer", ENOMEM);
             goto out;
         }
-        q_push(&t->free_pool, b);
+        pool_put(t, b);
     }
     rc = pthread_create(&t->fault_thread, NULL, fault_main, t);
     if (rc) {
@@ -849,8 +889,6 @@ void trk_destroy(trk_t *t)
     while ((b = q_pop(&t->free_pool)))
         batch_free(b);
     while ((b = q_pop(&t->ready)))
-        batch_free(b);
-    while ((b = q_pop(&t->spare_cow)))
         batch_free(b);
     if (t->cow_cur)
         batch_free(t->cow_cur);

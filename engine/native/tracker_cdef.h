@@ -9,7 +9,8 @@ struct trk_config {
     uint64_t offset;        /* file offset of the mapping */
     uint32_t unit;          /* tracking unit: 4096, or 2 MiB for hugetlb memory */
     int copiers;            /* copier threads */
-    uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages held by copiers */
+    uint64_t buffer_bytes;  /* bound on copied-but-uncollected pages (at least one batch per
+                               copier and one for the fault thread) */
     int owe_all;            /* first arm owes every unit instead of SEEK_DATA's populated set */
     int tracking;           /* TRK_WP, TRK_ASYNC or TRK_HYBRID (below) */
     int priority;           /* after a copy-on-write fault at unit u, copiers take the owed
@@ -47,6 +48,8 @@ struct trk_stats {            /* counts since trk_create */
     uint64_t cow_copies;         /* owed units copied by the fault thread (copy-on-write) */
     uint64_t copier_copies;
     uint64_t copier_waits;       /* times a copier waited for buffer space */
+    uint64_t cow_waits;          /* times the fault thread waited for buffer space (the
+                                    store a whole buffer behind) */
     uint64_t fault_hist[48];     /* fault service time histogram, bucket i = [2^i, 2^(i+1)) ns */
 };
 
