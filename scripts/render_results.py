@@ -201,6 +201,25 @@ def dedup(doc: dict) -> str:
                    f"{ms(pauses[len(pauses) // 2])} ms"]])
 
 
+def pause(doc: dict) -> str:
+    """bench/bench_pause.py (pytest-benchmark's JSON): the engine's pause vs a bare one."""
+    out = []
+    for b in doc["benchmarks"]:
+        x = b["extra_info"]
+        out.append([mib(x["ram"]), f"{100 * x['dirty_share']:.3g} %",
+                    f"{x['pause_median_ms']:.2f} ms",
+                    f"{x['bare_stop_wp_cont_median_ms']:.2f} ms ({x['bare_wp_runs']:,})",
+                    f"×{x['ratio']:.2f}"])
+    sizes = ",".join(b["extra_info"]["ram"] for b in doc["benchmarks"])
+    return table(["guest RAM", "dirty", "engine pause (SIGSTOP, arm, SIGCONT)",
+                  "bare (its UFFDIO_WRITEPROTECT calls)", "engine ÷ bare"], out) + (
+        f"\n<sub>Rendered from [docs/results/pause.json](docs/results/pause.json) "
+        f"(`VMCKPT_BENCH_SIZES={sizes} .venv/bin/pytest bench/bench_pause.py --benchmark-only "
+        f"-s --benchmark-json=docs/results/pause.json`, {doc['datetime'][:10]}; medians of "
+        f"{doc['benchmarks'][0]['stats']['rounds']} rounds each) by "
+        "scripts/render_results.py.</sub>\n")
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "qemu": qemu, "interval": interval, "qemu-interval": qemu_interval, "scaling": scaling,
     "hugepages": hugepages, "priority": priority, "dedup": dedup}
@@ -209,6 +228,8 @@ RENDER: dict[str, Callable[[dict], str]] = {
 def block(name: str, results: Path = RESULTS) -> str:
     """The rendered body of block NAME: the table, then where it comes from."""
     doc = json.loads((results / f"{name}.json").read_text())
+    if "benchmarks" in doc:  # a pytest-benchmark suite's --benchmark-json
+        return pause(doc)
     exp = name.rsplit("/", 1)[-1]
     render = qemu_full if exp == "qemu" and len({(r["ram"], r["work"]) for r in
                                                  doc["rows"]}) > 1 else RENDER[exp]

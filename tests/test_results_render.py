@@ -23,7 +23,7 @@ def test_readme_tables_are_rendered_from_the_committed_json():
     have = render_results.blocks(readme)
     # Every experiment's table, reduced and full, is one of them.
     assert {"qemu", "interval", "qemu-interval", "scaling", "hugepages", "priority",
-            "dedup", "full/qemu"} <= set(have)
+            "dedup", "full/qemu", "pause"} <= set(have)
     want = render_results.blocks(render_results.render(readme))
     for name, body in have.items():
         assert body == want[name], (
