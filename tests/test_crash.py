@@ -41,11 +41,16 @@ def guest_pid(engine_pid: int) -> int:
     raise AssertionError("the guest did not start")
 
 
-def read_line(proc: subprocess.Popen, timeout: float = 120.0) -> bytes:
+def read_line(proc: subprocess.Popen, start: bytes, timeout: float = 120.0) -> bytes:
+    """The next line of proc's output that begins with start (the guest writes there too)."""
     assert proc.stdout
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the engine said nothing"
-    return proc.stdout.readline()
+    while True:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready, f"the engine said no {start!r} line"
+        line = proc.stdout.readline()
+        assert line, f"the engine exited before a {start!r} line"
+        if line.startswith(start):
+            return line
 
 
 def wait_for(cond, what: str, timeout: float = 20.0) -> None:
@@ -74,10 +79,10 @@ def kill_held(tmp: Path, phase: str, held_at: int, seed: int) -> None:
                 "--zero", "0.1", "--dup", "0.1", "--report", str(report), "--seed", str(seed))],
         stdout=subprocess.PIPE, env={**os.environ, "VMCKPT_TEST_HOLD": f"{phase}:{held_at}"})
     try:
-        assert read_line(engine) == b"STARTED\n"
+        assert read_line(engine, b"STARTED") == b"STARTED\n"
         guest = guest_pid(engine.pid)
         # The kill lands while the engine waits in that phase of that checkpoint.
-        assert read_line(engine) == f"HELD {phase} {held_at}\n".encode()
+        assert read_line(engine, b"HELD") == f"HELD {phase} {held_at}\n".encode()
         if phase == "pause":
             assert proc_state(guest) == "T", "the guest runs inside the pause"
     finally:
