@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 from vmckpt.cli.bench import dumps, results
@@ -45,3 +47,18 @@ def test_bench_json_keeps_every_figure(tmp_path):
     (tmp_path / "qemu-interval.json").write_text(json.dumps(doc))
     out = render_results.block("qemu-interval", tmp_path)
     assert "| 0.5 s | 10.0 / 10.7 (8) | 26.2 / 30.7 + 21.7 (8) |" in out
+
+
+def test_vmckpt_bench_writes_the_json_the_readme_is_rendered_from(tmp_path):
+    # The shortest experiment, for real: its JSON has every checkpoint's row and renders.
+    vmckpt = str(Path(sys.executable).with_name("vmckpt"))
+    out = subprocess.run([vmckpt, "bench", "dedup", "-o", str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads((tmp_path / "dedup.json").read_text())
+    assert doc["experiment"] == "dedup" and doc["full"] is False and doc["seconds"] > 0
+    assert [r["id"] for r in doc["rows"]] == list(range(1, 101))
+    dirtied = sum(r["pages_dirtied"] for r in doc["rows"])
+    assert dirtied > 0
+    assert f"| 100 | {dirtied:,} |" in render_results.block("dedup", tmp_path)
+    assert (tmp_path / "dedup.md").exists() and (tmp_path / "dedup.png").exists()
