@@ -1,11 +1,16 @@
-"""`vmckpt bench NAME`: runs one of the experiments side by side and writes a Markdown table
-and a plot of it."""
+"""`vmckpt bench NAME`: runs one of the experiments side by side and writes its raw figures
+(NAME.json, what scripts/render_results.py renders into the README), a Markdown table and a
+plot of it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -21,6 +26,23 @@ def markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k])
                                         for k in keys) + " |")
     return "\n".join(lines) + "\n"
+
+
+def results(name: str, rows: list[dict], *, full: bool, seconds: float) -> dict:
+    """NAME.json: the rows (NaN as null) and the run they come from."""
+    return {"experiment": name, "full": full,
+            "command": f"vmckpt bench {name}{' --full' if full else ''} -o DIR",
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "host": platform.node(),
+            "kernel": platform.release(), "cpus": os.cpu_count(), "seconds": round(seconds),
+            "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v
+                      for k, v in r.items()} for r in rows]}
+
+
+def dumps(doc: dict) -> str:
+    """JSON with one row a line: readable, and a re-run's diff shows which rows changed."""
+    head = json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=1)
+    rows = ",\n".join("  " + json.dumps(r) for r in doc["rows"])
+    return f'{head[:-2]},\n "rows": [\n{rows}\n ]\n}}\n'
 
 
 def plot(name: str, rows: list[dict], path: Path) -> None:
@@ -102,23 +124,27 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
 @main.command()
 @click.argument("name", type=click.Choice(sorted(EXPERIMENTS)))
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("."),
-              show_default=True, help="Directory for NAME.md and NAME.png.")
+              show_default=True, help="Directory for NAME.json, NAME.md and NAME.png.")
 @click.option("--full", is_flag=True,
               help="The full-size run (larger guests, longer runs; see the README).")
 def bench(name: str, out_dir: Path, full: bool) -> None:
-    """Run an experiment and write a Markdown table and a plot: interval (pause, hybrid's
-    switch pause and guest slowdown per strategy and interval), qemu-interval (pause per
-    strategy and interval on the QEMU test guest), dedup (data per checkpoint of a
-    duplicate-heavy guest), scaling (RAM sizes), priority (copiers and copy priority),
-    hugepages (4 KiB vs 2 MiB guest pages), qemu (the test guest vs QEMU's own snapshots).
+    """Run an experiment and write its figures (NAME.json), a table and a plot: interval
+    (pause, hybrid's switch pause and guest slowdown per strategy and interval),
+    qemu-interval (pause per strategy and interval on the QEMU test guest), dedup (data per
+    checkpoint of a duplicate-heavy guest), scaling (RAM sizes), priority (copiers and copy
+    priority), hugepages (4 KiB vs 2 MiB guest pages), qemu (the test guest vs QEMU's own
+    snapshots).
     Each fits in 10 minutes on a 2-core machine; --full runs the full sizes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("vmckpt").setLevel(logging.WARNING)  # one line a checkpoint is noise here
+    t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vmckpt-bench-") as tmp:
         rows = uvloop.run(EXPERIMENTS[name](Path(tmp), **(FULL[name] if full else {})))
+    doc = results(name, rows, full=full, seconds=time.monotonic() - t0)
+    (out_dir / f"{name}.json").write_text(dumps(doc))
     table = markdown(rows)
     (out_dir / f"{name}.md").write_text(table)
     plot(name, rows, out_dir / f"{name}.png")
     click.echo(table)
-    click.echo(f"wrote {out_dir / (name + '.md')} and {out_dir / (name + '.png')}")
+    click.echo(f"wrote {name}.json, {name}.md and {name}.png in {out_dir}")
 

@@ -228,11 +228,12 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
             with open_store(workdir / f"store-{mem}-{work}-{strategy}", create=True) as store:
                 engine = Engine(prog.target, prog.tracker, store, options(strategy, interval))
                 await engine.run(asyncio.Event(), max_checkpoints=checkpoints + 2)
+            steady = engine.records[2:]
             done = [(r["pause"], r["pause"] + r["drain_time"] + r["commit_time"],
-                     r["bytes_added"] + r["device_state"]["size"])
-                    for r in engine.records[2:]]
+                     r["bytes_added"] + r["device_state"]["size"]) for r in steady]
             default = " (default)" if strategy == DEFAULT_STRATEGY else ""
-            rows.append(_snapshot_row(f"vmckpt {strategy}{default}", done))
+            rows.append({**_snapshot_row(f"vmckpt {strategy}{default}", done),
+                         **_pause_parts(steady)})
             if n:
                 continue
             prog.tracker.close()  # QEMU's background snapshot registers guest RAM itself
@@ -244,7 +245,7 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
                     await asyncio.sleep(interval)
                     taken.append(await _qemu_snapshot(qmp, workdir / "snap",
                                                       background=background))
-                rows.append(_snapshot_row(kind, taken))
+                rows.append({**_snapshot_row(kind, taken), **_pause_parts([])})
     # Target 3's ratios, side by side: QEMU's paused migrate's pause over each row's, and
     # background-snapshot's bytes over each row's (>= 10 and >= 5 are the aims).
     migrate, background = (next(r for r in rows if r["kind"] == k) for k in (
@@ -287,6 +288,13 @@ async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
                     rows.append({"strategy": strategy, "interval_s": interval,
                                  **_pause_row(engine.records[start:], skip=0)})
     return rows
+
+
+def _pause_parts(records: list[dict]) -> dict:
+    """Medians of the parts of vmckpt's pause (QMP stop, arm, device-state save, QMP cont:
+    engine/cycle.py times each) in ms; nan for QEMU's snapshots, which are not split."""
+    return {f"{part}_p50_ms": _ms([r["pause_parts"][part] for r in records], 50)
+            for part in ("stop", "arm", "extra", "resume")}
 
 
 def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:

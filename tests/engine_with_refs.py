@@ -2,6 +2,13 @@
 
 The crash test kills this process with SIGKILL; the saved references tell what each
 checkpoint that made it into the store must restore to.
+
+Test-only hold: with VMCKPT_TEST_HOLD=PHASE:N the engine stops for good at that point of
+checkpoint N, after printing `HELD PHASE N`, so that a kill lands exactly there:
+  pause      inside the pause (the target stopped, RAM saved as the reference)
+  drain      in the drain, at its first batch of pages into the store
+  commit     drained, at the commit, before its record is written
+  committed  after the commit returned
 """
 
 from __future__ import annotations
@@ -9,16 +16,50 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import run_program
 from vmckpt.storage import open_store
 
+PHASES = ("pause", "drain", "commit", "committed")
+
+
+class Holding:
+    """The engine's store, holding at the drain or commit of the checkpoint hold() names."""
+
+    def __init__(self, store: Any, hold: Any) -> None:
+        self._store, self._hold = store, hold
+        self.committed = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def put_pages(self, *args: Any) -> Any:
+        # A pre-arm drains too, but only after its previous checkpoint's commit.
+        self._hold("drain", self.committed + 1, when_paused=True)
+        return self._store.put_pages(*args)
+
+    def commit_checkpoint(self, *args: Any) -> int:
+        self._hold("commit", self.committed + 1)
+        ckpt = self._store.commit_checkpoint(*args)
+        self.committed = ckpt
+        self._hold("committed", ckpt)
+        return ckpt
+
 
 def main() -> None:
     store_path, refdir, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    phase, _, n = os.environ.get("VMCKPT_TEST_HOLD", ":0").partition(":")
+    assert phase in PHASES or not phase, phase
     seen = 0
+
+    def hold(at: str, ckpt: int, when_paused: bool = False) -> None:
+        if (at, ckpt) == (phase, int(n)) and (not when_paused or seen == ckpt):
+            print(f"HELD {at} {ckpt}", flush=True)
+            threading.Event().wait()  # until the test's SIGKILL
 
     def save(engine: Engine) -> None:
         nonlocal seen
@@ -26,9 +67,11 @@ def main() -> None:
         tmp = refdir / f".{seen}"
         tmp.write_bytes(engine.tracker.ram_view())
         os.rename(tmp, refdir / f"{seen}.ref")
+        hold("pause", seen)
 
     def hook(engine: Engine) -> None:
         engine.on_paused = save
+        engine.store = Holding(engine.store, hold)  # type: ignore[assignment]
 
     async def go() -> None:
         with open_store(store_path, create=True) as store:
