@@ -14,6 +14,17 @@ from vmckpt.engine.session import run_program
 from vmckpt.storage import open_store
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true",
+                     help="the reliability suite (-m reliability) at full size: 100 engine "
+                          "kills on the synthetic guest, 30 on the QEMU guest")
+
+
+@pytest.fixture
+def full(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--full"))
+
+
 def run_with_references(store_path: Path, argv: Sequence[str], checkpoints: int,
                         options: EngineOptions | None = None,
                         reference: Callable[[memoryview], Any] = bytes) -> list[Any]:

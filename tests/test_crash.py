@@ -60,10 +60,14 @@ def wait_for(cond, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+pytestmark = pytest.mark.reliability
+
+
 @pytest.mark.parametrize("phase", PHASES)
-def test_kill_engine_in_every_phase(tmp_path, phase):
+def test_kill_engine_in_every_phase(tmp_path, phase, full):
+    # 4 kills a phase, 25 with --full: 100 in all.
     rng = random.Random(f"crash-{phase}")
-    for trial in range(4):
+    for trial in range(25 if full else 4):
         # From the second checkpoint on, so that at least one is committed before the kill.
         kill_held(tmp_path / f"t{trial}", phase, rng.randint(2, 8), seed=trial)
 
