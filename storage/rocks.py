@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import msgpack
@@ -36,8 +36,10 @@ CFS = ("pages", "records", "maps")
 LAST_ID = b"last_id"  # the highest id ever given out, once a prune has dropped the newest
 OPEN_ATTEMPTS = 20  # read-only opens, while a writer compacts
 CONTROL_SOCKET = "control.sock"  # RocksDB leaves files it did not make alone
-# How RocksDB words a store that cannot take more: the strerror of ENOSPC, EDQUOT and EIO
-# (its own no-space status carries the first).
+# A write RocksDB refuses with an I/O error means the store cannot take more; these name the
+# usual causes, the strerror of ENOSPC, EDQUOT and EIO (its own no-space status carries the
+# first; after one, it may say only "Writer has previous error").
+IO_ERROR = "IO error"
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "Input/output error")
 PROBE = b"probe"  # a key deleted (never written) to learn whether RocksDB takes writes again
 REOPEN_FREE = 64 << 20  # free bytes on the store's filesystem before recover() reopens it
@@ -162,7 +164,7 @@ class RocksStore(PageStore):
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """Turns RocksDB's failures to take more (no space, quota, I/O error) into StoreFull:
+        """Turns RocksDB's I/O errors on writes (no space, quota, a failing disk) into StoreFull:
         what was committed stays sound; RocksDB refuses every write until recover()."""
         if self.db is None:
             raise StoreFull(f"store {self.path} is closed after a failed write")
@@ -171,9 +173,11 @@ class RocksStore(PageStore):
         except StoreError:
             raise
         except Exception as e:
-            reason = next((t for t in FULL_TEXTS if t in str(e)), None)
-            if reason is None:
+            text = str(e)
+            if not text.startswith(IO_ERROR):
                 raise
+            reason = next((t for t in FULL_TEXTS if t in text),
+                          text.removeprefix(IO_ERROR).lstrip(": ").split(";")[0])
             raise StoreFull(f"store {self.path} cannot take more: {reason}") from None
 
     def _takes_writes(self) -> bool:
@@ -209,11 +213,14 @@ class RocksStore(PageStore):
         self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
 
     def _disconnect(self) -> None:
-        # Column family handles keep the database (and its lock) alive: drop them first.
+        # Column family handles keep the database (and its lock) alive: drop them first. A
+        # close after a failed write reports that failure again, and closes all the same.
         for cf in self.cf.values():
-            cf.close()
+            with suppress(Exception):
+                cf.close()
         self.cf, self.cfh = {}, {}
-        self.db.close()
+        with suppress(Exception):
+            self.db.close()
         self.db = None
 
     def _newest(self) -> int:
