@@ -57,6 +57,16 @@ def wait_for_more(report: Path, seen: int, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+async def first_of(event: asyncio.Event, run: asyncio.Future) -> None:
+    """Waits for event; if the run ends first, its error (or early end) fails the test."""
+    seen = asyncio.ensure_future(event.wait())
+    await asyncio.wait({seen, run}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        seen.cancel()
+        pytest.fail(f"the run ended (status {run.result()}) before the engine said it")
+    assert seen.done(), "the engine never said it"
+
+
 def check_store(store: Path) -> str:
     done = subprocess.run([*VMCKPT, "check", "--store", str(store)], capture_output=True,
                           text=True, timeout=300)
@@ -135,7 +145,7 @@ def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog):
                     synth(*GUEST, "--report", str(report)), s,
                     EngineOptions(interval=0.05, copiers=2), on_engine=hook, stop=stop,
                     min_ram=4 << 20))
-                await asyncio.wait_for(full.wait(), 300)
+                await first_of(full, run)
                 engine = engines[0]
                 committed = engine.committed
                 guest = engine.target.pid
@@ -145,7 +155,7 @@ def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog):
                 assert pid_alive(guest) and not run.done()
                 assert engine.committed == committed
                 remount(small_fs, "1g")
-                await asyncio.wait_for(again.wait(), 300)
+                await first_of(again, run)
                 while engine.committed < committed + 5:
                     assert not run.done()
                     await asyncio.sleep(0.05)
