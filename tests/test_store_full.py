@@ -14,12 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import pytest
 from conftest import is_root
 from vmckpt.engine.cycle import Engine, EngineOptions
-from vmckpt.engine.session import run_program
+from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store, restore_image
@@ -57,14 +58,17 @@ def wait_for_more(report: Path, seen: int, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-async def first_of(event: asyncio.Event, run: asyncio.Future) -> None:
-    """Waits for event; if the run ends first, its error (or early end) fails the test."""
-    seen = asyncio.ensure_future(event.wait())
-    await asyncio.wait({seen, run}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+async def first_of(event: asyncio.Event, run: asyncio.Future,
+                   also: asyncio.Event | None = None) -> None:
+    """Waits for event (or also); if the run ends first, its error (or early end) fails the
+    test."""
+    seen = {asyncio.ensure_future(e.wait()) for e in (event, also) if e}
+    await asyncio.wait({*seen, run}, timeout=300, return_when=asyncio.FIRST_COMPLETED)
+    for w in seen:
+        w.cancel()
     if run.done():
-        seen.cancel()
         pytest.fail(f"the run ended (status {run.result()}) before the engine said it")
-    assert seen.done(), "the engine never said it"
+    assert event.is_set() or (also and also.is_set()), "the engine never said it"
 
 
 def check_store(store: Path) -> str:
@@ -120,56 +124,78 @@ class _Seen(logging.Handler):
                 self.loop.call_soon_threadsafe(event.set)
 
 
-def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog):
-    # In process, to take a digest of guest RAM at every pause (dropped ones included): a
-    # committed checkpoint must restore to the last pause made with its parent as the engine's
-    # parent (those before it with the same parent were dropped).
-    store, report = small_fs / "store", tmp_path / "report"
+@pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
+def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog, tracking):
+    # The guest writes bursts of unique pages (8 MiB each) until a checkpoint is dropped, then
+    # writes nothing more: the dropped checkpoint's pages must be in the next committed one.
+    # A digest of guest RAM is taken at every pause, dropped ones included: a committed
+    # checkpoint must restore to the last pause made with its parent as the engine's parent
+    # (those before it with the same parent were dropped).
+    store = small_fs / "store"
     refs: list[tuple[int | None, bytes]] = []
-    engines: list[Engine] = []
 
-    def hook(engine: Engine) -> None:
-        engines.append(engine)
-        engine.on_paused = lambda e: refs.append(
-            (e.parent, hashlib.sha256(e.tracker.ram_view()).digest()))
+    def paused(e: Engine) -> None:
+        refs.append((e.parent, hashlib.sha256(e.tracker.ram_view()).digest()))
 
-    async def go() -> tuple[int, int, int]:
+    async def go() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        full, again = asyncio.Event(), asyncio.Event()
+        full, again, committed = asyncio.Event(), asyncio.Event(), asyncio.Event()
         handler = _Seen(loop, {"cannot take more": full, "takes checkpoints again": again})
         logging.getLogger("vmckpt").addHandler(handler)
+        engines: list[Engine] = []
+
+        def hook(engine: Engine) -> None:
+            engines.append(engine)
+            engine.on_paused = paused
+            engine.on_committed = lambda _: committed.set()
+
         stop = asyncio.Event()
+        prog = await TrackedProgram.start(
+            synth("--size", "32M", "--fill", "0.5", "--control", "--seed", "3"),
+            small_fs / "e.sock", copiers=2, tracking=tracking, min_ram=4 << 20,
+            stdin=PIPE, stdout=PIPE)
+
+        async def say(command: str) -> None:
+            prog.proc.stdin.write(command.encode() + b"\n")
+            assert (await prog.proc.stdout.readline()).strip() == b"ok"
+
         try:
+            assert (await prog.proc.stdout.readline()).startswith(b"READY")
             with open_store(store, create=True) as s:
-                run = asyncio.ensure_future(run_program(
-                    synth(*GUEST, "--report", str(report)), s,
-                    EngineOptions(interval=0.05, copiers=2), on_engine=hook, stop=stop,
-                    min_ram=4 << 20))
-                await first_of(full, run)
+                run = asyncio.ensure_future(checkpoint_program(
+                    prog, s, EngineOptions(interval=0.05, copiers=2, tracking=tracking),
+                    stop=stop, on_engine=hook))
+                burst = 0
+                while not full.is_set():
+                    assert burst < 40, "the store never filled"
+                    committed.clear()
+                    burst += 1
+                    await say(f"r 2048 {burst}")
+                    await first_of(committed, run, also=full)
                 engine = engines[0]
-                committed = engine.committed
-                guest = engine.target.pid
-                # Full: the guest runs on (it reports more seconds of writing) and no
-                # checkpoint commits.
-                await asyncio.to_thread(wait_for_more, report, report_lines(report))
-                assert pid_alive(guest) and not run.done()
-                assert engine.committed == committed
+                done = engine.committed
+                # Full: the guest runs on (it answers, and writes a page), nothing commits.
+                await say("w 0 12345")
+                assert pid_alive(prog.pid) and not run.done()
+                assert engine.committed == done
                 remount(small_fs, "1g")
                 await first_of(again, run)
-                while engine.committed < committed + 5:
-                    assert not run.done()
-                    await asyncio.sleep(0.05)
-                assert pid_alive(guest)
+                while engine.committed < done + 3:
+                    committed.clear()
+                    await first_of(committed, run)
+                assert pid_alive(prog.pid)
                 stop.set()
                 status = await run
         finally:
             logging.getLogger("vmckpt").removeHandler(handler)
-        return status, committed, guest
+            if prog.proc.returncode is None:
+                await prog.close()
+        return status, done
 
     with caplog.at_level(logging.INFO, logger="vmckpt"):
-        status, committed, guest = asyncio.run(go())
-    assert status == 0  # the guest ran until the run ended it (it exits 0 on SIGTERM)
-    assert committed >= 1
+        status, done = asyncio.run(go())
+    assert status == -signal.SIGTERM  # the guest ran until the run ended it
+    assert done >= 1
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot take more" in m for m in messages) == 1, messages
     assert sum("takes checkpoints again" in m for m in messages) == 1, messages
@@ -178,7 +204,7 @@ def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog):
     last_ref = dict(refs)  # parent -> the digest of its last pause
     with open_store(store, readonly=True) as s:
         records = s.list_checkpoints()
-        assert len(records) == engines[0].committed > committed
+        assert len(records) >= done + 3
         for rec in records:
             image = tmp_path / "img"
             restore_image(s, rec["id"], image)
