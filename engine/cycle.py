@@ -87,7 +87,8 @@ class Engine:
             raise ValueError(f"checkpoint {parent} has {self.current.npages} pages, the guest "
                              f"{tracker.npages}")
         self.on_committed: Callable[[dict], None] | None = None  # experiments keep records
-        self.committed = 0  # checkpoints committed by this engine; the last one's record:
+        # Of what it committed, only the count and the last record: a run can be long.
+        self.committed = 0
         self.last: dict | None = None
         self.gave_up = False  # the store was full with on_full "stop": the target runs on
         self._pre: _Copied | None = None

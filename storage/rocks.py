@@ -93,7 +93,7 @@ class RocksStore(PageStore):
             raise FormatMismatch(f"{self.path} is a store of format {fmt.get('name')} "
                                  f"v{fmt.get('version')}; this vmckpt reads v{FORMAT['version']}")
         self.full_every = int(fmt["full_every"])
-        self._lock = threading.Lock()  # the pages: puts, the dedup set, a sweep
+        self._lock = threading.Lock()  # the pages: puts (their dedup lookups), a sweep
         self._commits = threading.RLock()  # commits and edits of records and maps
         self._maintenance = threading.Lock()  # one prune or gc at a time
         # Page ids put (new or dup) since the last commit, and while a sweep runs every id
