@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import is_root
 from vmckpt.engine.cycle import Engine, EngineOptions
+from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
@@ -109,6 +110,58 @@ def test_on_full_stop_leaves_the_guest_running(small_fs, tmp_path):
     assert "sound" in check_store(store)
     with open_store(store, readonly=True) as s:
         assert s.list_checkpoints(), "the store filled before any checkpoint"
+
+
+def last_tick(log: Path) -> int:
+    found = ticks(log.read_bytes()) if log.exists() else []
+    return found[-1][0] if found else 0
+
+
+def qemu_pid(marker: str) -> int | None:
+    """The QEMU whose command line holds marker (a path unique to the test)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and argv[0].endswith(b"qemu-system-x86_64") and \
+                any(marker.encode() in a for a in argv):
+            return int(proc.name)
+    return None
+
+
+def test_qemu_guest_runs_on_when_the_store_fills(small_fs, tmp_path):
+    store, log = small_fs / "store", tmp_path / "serial.log"
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as o, err.open("w") as e:
+        engine = subprocess.Popen(
+            [*VMCKPT, "run", "--store", str(store), "--interval", "500ms", "--on-full", "stop",
+             "--", *qemu_argv(mem="128M", work="dirty", rate=5000, mb=48,
+                              serial=f"file:{log}")], stdout=o, stderr=e)
+    guest = None
+    try:
+        status = engine.wait(timeout=600)
+        said = err.read_text()
+        assert status == 0, said
+        assert "Traceback" not in said, said
+        assert len([x for x in said.splitlines() if "cannot take more" in x]) == 1, said
+        guest = qemu_pid(str(log))
+        assert guest and pid_alive(guest), said
+        # The guest counts on, untracked: its serial counter goes past where it was.
+        seen = last_tick(log)
+        deadline = time.monotonic() + 120
+        while last_tick(log) <= seen:
+            assert time.monotonic() < deadline, "the guest stopped counting"
+            time.sleep(0.2)
+        assert pid_alive(guest)
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+        guest = guest or qemu_pid(str(log))
+        if guest and pid_alive(guest):
+            os.kill(guest, signal.SIGKILL)
+    assert "sound" in check_store(store)
 
 
 class _Seen(logging.Handler):
