@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 import uvloop
-from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.cycle import ON_FULL, EngineOptions
 from vmckpt.engine.handoff import preload_path
 from vmckpt.engine.qemu.argv import QemuArgsError
 from vmckpt.engine.qemu.qmp import QemuError
@@ -63,14 +63,14 @@ def engine_options(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
-                pre_arm: str, priority: bool, **kw: Any) -> Any:
+                pre_arm: str, priority: bool, on_full: str, **kw: Any) -> Any:
         lead = None if pre_arm == "auto" else _duration(pre_arm)
         if tracking == "hybrid" and lead:
             raise click.UsageError("--pre-arm does not combine with --tracking hybrid")
         options = EngineOptions(interval=_duration(interval),
                                 copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=_size(buffer_size), tracking=tracking,
-                                pre_arm=lead, priority=priority)
+                                pre_arm=lead, priority=priority, on_full=on_full)
         return f(options=options, **kw)
 
     for opt in reversed([
@@ -93,6 +93,10 @@ def engine_options(f: Callable) -> Callable:
         click.option("--priority/--no-priority", default=True, show_default=True,
                      help="Copiers first take the pages after one the guest just wrote (wp)."),
         click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
+        click.option("--on-full", type=click.Choice(ON_FULL), default="wait", show_default=True,
+                     help="When the store cannot take more (disk full, quota, I/O error) the "
+                          "VM runs on: wait (drop checkpoints until it takes writes again) or "
+                          "stop (stop checkpointing and exit, leaving the VM running)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from vmckpt.engine.targets.base import Target, TargetGone
 from vmckpt.engine.tracker import PAGE, ArmStats, Tracker
-from vmckpt.storage import MapDelta, PageMap, PageStore, put_blob
+from vmckpt.storage import MapDelta, PageMap, PageStore, StoreFull, put_blob
 
 log = logging.getLogger("vmckpt")
 
@@ -21,6 +21,11 @@ log = logging.getLogger("vmckpt")
 # 1 s, `vmckpt bench qemu`, 2026-12-01), and it did not slow the write-heavy synthetic guest
 # (`vmckpt bench interval`): see the README's results.
 PRE_ARM_AUTO = 0.1
+ON_FULL = ("wait", "stop")
+# While the store is full (--on-full wait): the first look for space this long after the drop,
+# doubling with each checkpoint dropped since, up to the cap.
+FULL_RETRY = 1.0
+FULL_RETRY_MAX = 30.0
 
 
 @dataclass
@@ -33,8 +38,11 @@ class EngineOptions:
     #                               None: auto, see __post_init__; not with hybrid: its arm moves
     #                               the range between uffds, which needs the target paused)
     priority: bool = True  # copiers first take the units after a copy-on-write fault
+    on_full: str = "wait"  # the store cannot take more: wait for space, or stop checkpointing
 
     def __post_init__(self) -> None:
+        if self.on_full not in ON_FULL:
+            raise ValueError(f"on_full is one of {', '.join(ON_FULL)}, not {self.on_full!r}")
         if self.pre_arm is None:  # auto: PRE_ARM_AUTO or a quarter of a shorter interval
             self.pre_arm = 0.0 if self.tracking == "hybrid" else min(PRE_ARM_AUTO,
                                                                      self.interval / 4)
@@ -52,6 +60,7 @@ class _Copied:
     zero: int = 0
     dirtied: int = 0
     seconds: float = 0.0  # time of the pre-arm that began it
+    failed: StoreFull | None = None  # the store refused a put: dropped, collected only
 
 
 class Engine:
@@ -77,8 +86,13 @@ class Engine:
         if self.current.npages != tracker.npages:
             raise ValueError(f"checkpoint {parent} has {self.current.npages} pages, the guest "
                              f"{tracker.npages}")
-        self.records: list[dict] = []
+        self.on_committed: Callable[[dict], None] | None = None  # experiments keep records
+        # Of what it committed, only the count and the last record: a run can be long.
+        self.committed = 0
+        self.last: dict | None = None
+        self.gave_up = False  # the store was full with on_full "stop": the target runs on
         self._pre: _Copied | None = None
+        self._full: tuple[float, int] | None = None  # while full: since when, drops since
 
     async def checkpoint(self, *, stretched: bool = False) -> dict:
         """One whole cycle; returns the committed record."""
@@ -108,7 +122,12 @@ class Engine:
                   arm.units_owed * (self.tracker.unit // PAGE))
         copied, self._pre = self._pre or _Copied(), None
         pre_pages = sum(len(p) for p in copied.pfns)
-        device = await asyncio.to_thread(put_blob, self.store, extra) if extra else None
+        device = None
+        if extra and not copied.failed:
+            try:
+                device = await asyncio.to_thread(put_blob, self.store, extra)
+            except StoreFull as e:
+                copied.failed = e
         await asyncio.to_thread(self._drain, copied)
         switch = None
         if self.options.tracking == "hybrid":
@@ -116,6 +135,8 @@ class Engine:
                 switch = await self._switch_to_async()
             except TargetGone as e:  # commit what is drained; the next pause ends the run
                 log.info("no switch back to async tracking: %s", e)
+        if copied.failed:
+            self._drop(copied)
         delta = self._delta(copied)
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
@@ -143,12 +164,29 @@ class Engine:
             "switch_move": switch[1] if switch else None,
             "strategy": asdict(self.options),
         }
-        ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
+        try:
+            ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
+        except StoreFull as e:
+            copied.failed = e
+            self._drop(copied)
+        self.current.apply(delta)
         record["id"] = ckpt
         record["commit_time"] = time.perf_counter() - t5
         self.parent = ckpt
-        self.records.append(record)
+        self.committed += 1
+        self.last = record
+        if self.on_committed:
+            self.on_committed(record)
         return record
+
+    def _drop(self, copied: _Copied) -> None:
+        """Drops a checkpoint the store could not take, once it is collected whole: its
+        pages are owed again by the next arm (this arm took them out of the dirty set), so
+        the next checkpoint stores their content then, against the last committed map."""
+        if copied.pfns:
+            self.tracker.redirty(np.concatenate(copied.pfns))
+        assert copied.failed
+        raise copied.failed
 
     def _arm(self) -> tuple[ArmStats, float]:
         t0 = time.perf_counter()
@@ -170,17 +208,25 @@ class Engine:
         return t1 - t0, move
 
     def _drain(self, into: _Copied) -> None:
-        """Moves every copied page of the armed checkpoint into the store."""
+        """Moves every copied page of the armed checkpoint into the store. Once the store
+        refuses one, the rest are collected (the tracker arms again only after) and dropped."""
         while (got := self.tracker.collect()) is not None:
-            res = self.store.put_pages(got.ids, got.pages)
+            into.pfns.append(got.pfns.copy())
+            if into.failed:
+                continue
+            try:
+                res = self.store.put_pages(got.ids, got.pages)
+            except StoreFull as e:
+                into.failed = e
+                continue
             into.new, into.dup, into.bytes = into.new + res.new, into.dup + res.dup, \
                 into.bytes + res.bytes
             into.zero += int(got.zero.sum())
-            into.pfns.append(got.pfns.copy())
             into.ids.append(got.ids.copy())
 
     def _delta(self, copied: _Copied) -> MapDelta:
-        """The map delta of the copied pages against the current map, applied to it."""
+        """The map delta of the copied pages against the current map (the last committed
+        one: the delta is applied to it once committed)."""
         pfns = np.concatenate(copied.pfns) if copied.pfns else np.empty(0, np.uint64)
         ids = np.concatenate(copied.ids) if copied.ids else np.empty((0, 32), np.uint8)
         # A pre-armed page written again before the pause was copied again: the later wins.
@@ -190,53 +236,93 @@ class Engine:
         copied.dirtied = len(pfns)
         # Owed pages rewritten with their old content change nothing in the map.
         changed = (self.current.ids[pfns.astype(np.int64)] != ids).any(axis=1)
-        delta = MapDelta(pfns[changed], ids[changed])
-        self.current.apply(delta)
-        return delta
+        return MapDelta(pfns[changed], ids[changed])
 
     async def pre_arm(self) -> None:
         """The next checkpoint's dirty-set work ahead of its pause, with the target running:
         arm (protect or scan the pages written so far) and drain them. The pause then handles
         only pages written since; any of these written again is copied again, and that copy
         wins (a write after the arm faults or is recorded, so it is never missed)."""
-        if len(self.records) < 2 or self._pre:  # tracking is set up by the first two
+        if self.committed < 2 or self._pre:  # tracking is set up by the first two
             return
         t0 = time.perf_counter()
         self.tracker.arm()
         self.tracker.release()
         pre = _Copied()
         await asyncio.to_thread(self._drain, pre)
+        if pre.failed:
+            self._drop(pre)
         pre.seconds = time.perf_counter() - t0
         self._pre = pre
 
     async def run(self, stop: asyncio.Event, max_checkpoints: int | None = None) -> None:
-        """Checkpoints every interval until stop is set; the one in flight always completes."""
+        """Checkpoints every interval until stop is set; the one in flight always completes,
+        or is dropped whole if the store cannot take it (then see _store_full)."""
         next_at = time.monotonic()
         stretched = False
         while not stop.is_set():
-            lead = self.options.pre_arm
-            if lead and next_at - time.monotonic() > lead:
-                try:
-                    await asyncio.wait_for(stop.wait(), next_at - time.monotonic() - lead)
+            try:
+                lead = self.options.pre_arm
+                if lead and next_at - time.monotonic() > lead:
+                    try:
+                        await asyncio.wait_for(stop.wait(), next_at - time.monotonic() - lead)
+                        break
+                    except TimeoutError:
+                        await self.pre_arm()
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                        break
+                    except TimeoutError:
+                        pass
+                rec = await self.checkpoint(stretched=stretched)
+            except StoreFull as e:
+                if not await self._store_full(e, stop):
                     break
-                except TimeoutError:
-                    await self.pre_arm()
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                    break
-                except TimeoutError:
-                    pass
-            rec = await self.checkpoint(stretched=stretched)
+                next_at, stretched = time.monotonic(), True
+                continue
             log.info("checkpoint %d: pause %.2f ms, %d pages dirtied, %d new, %.1f MiB, "
                      "drain %.0f ms", rec["id"], rec["pause"] * 1e3, rec["pages_dirtied"],
                      rec["pages_stored_new"], rec["bytes_added"] / 2**20,
                      rec["drain_time"] * 1e3)
-            if max_checkpoints and len(self.records) >= max_checkpoints:
+            if self._full:
+                since, dropped = self._full
+                log.warning("the store takes checkpoints again: checkpoint %d committed, after "
+                            "%d dropped in %.0f s", rec["id"], dropped, time.monotonic() - since)
+                self._full = None
+            if max_checkpoints and self.committed >= max_checkpoints:
                 break
             # The next one starts only after this one is committed: if that ran past its
             # time, the interval stretches and the next record says so.
             next_at += self.options.interval
             stretched = time.monotonic() > next_at
             next_at = max(next_at, time.monotonic())
+
+    def _last_committed(self) -> str:
+        return f"checkpoint {self.parent}" if self.parent else "none"
+
+    async def _store_full(self, e: StoreFull, stop: asyncio.Event) -> bool:
+        """A checkpoint was dropped: the store cannot take more. The target runs on either
+        way. on_full "stop": says so and gives up (False). "wait": says so once, then waits
+        until the store takes writes again (True), or stop is set (False)."""
+        if self.options.on_full == "stop":
+            log.error("%s: checkpoint dropped; checkpointing stops, the VM runs on untracked "
+                      "(last committed: %s)", e, self._last_committed())
+            self.gave_up = True
+            return False
+        since, dropped = self._full or (time.monotonic(), 0)
+        if not dropped:
+            log.warning("%s: checkpoint dropped; the VM runs on, checkpoints resume once the "
+                        "store takes writes again (last committed: %s)", e,
+                        self._last_committed())
+        self._full = since, dropped + 1
+        delay = min(FULL_RETRY * 2 ** dropped, FULL_RETRY_MAX)
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+                return False
+            except TimeoutError:
+                pass
+            if await asyncio.to_thread(self.store.recover):
+                return True

@@ -227,8 +227,10 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
         async with await _booted(workdir, mem, strategy, work) as prog:
             with open_store(workdir / f"store-{mem}-{work}-{strategy}", create=True) as store:
                 engine = Engine(prog.target, prog.tracker, store, options(strategy, interval))
+                kept: list[dict] = []
+                engine.on_committed = kept.append
                 await engine.run(asyncio.Event(), max_checkpoints=checkpoints + 2)
-            steady = engine.records[2:]
+            steady = kept[2:]
             done = [(r["pause"], r["pause"] + r["drain_time"] + r["commit_time"],
                      r["bytes_added"] + r["device_state"]["size"]) for r in steady]
             default = " (default)" if strategy == DEFAULT_STRATEGY else ""
@@ -283,10 +285,12 @@ async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
                 await engine.run(asyncio.Event(), max_checkpoints=2)  # tracking set up
                 for interval in intervals:
                     engine.options = options(strategy, interval)
-                    start = len(engine.records)
-                    await engine.run(asyncio.Event(), max_checkpoints=start + checkpoints)
+                    kept: list[dict] = []
+                    engine.on_committed = kept.append
+                    await engine.run(asyncio.Event(),
+                                     max_checkpoints=engine.committed + checkpoints)
                     rows.append({"strategy": strategy, "interval_s": interval,
-                                 **_pause_row(engine.records[start:], skip=0)})
+                                 **_pause_row(kept, skip=0)})
     return rows
 
 

@@ -28,7 +28,7 @@ from vmckpt.engine.qemu.target import QemuTarget
 from vmckpt.engine.targets import ProcessTarget, Target, TargetGone
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.engine.tracker import Tracker
-from vmckpt.storage import PageStore
+from vmckpt.storage import PageStore, StoreError
 
 log = logging.getLogger("vmckpt")
 
@@ -193,7 +193,9 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
     max_checkpoints; the checkpoint in flight is always committed whole. Returns the program's
     exit status: it is stopped at the end unless detach_on_exit (then 0, left running); one
     that is not our child is always left running. If the engine fails, the program is ended
-    the same way before the error is raised: no VM is left behind without its terminal. While
+    the same way before the error is raised: no VM is left behind without its terminal; but
+    never because the store failed (the engine gave up on a full store, or a StoreError): it
+    is left running untracked. While
     it runs, `vmckpt prune` and `vmckpt gc` reach it on the store's control socket."""
     stop = stop or asyncio.Event()
     refuse = asyncio.ensure_future(prog.listener.refuse_more("vmckpt tracks one RAM region"))
@@ -210,6 +212,9 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
         await engine.run(stop, max_checkpoints)
     except TargetGone:
         pass
+    except StoreError:
+        detach_on_exit = True
+        raise
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -217,7 +222,7 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
         if control:
             await control.close()
         await prog.untrack()  # the program runs on untracked from here
-        status = await _let_go(prog, exited, detach_on_exit)
+        status = await _let_go(prog, exited, detach_on_exit or engine.gave_up)
     return status
 
 

@@ -150,6 +150,13 @@ class Tracker:
         """Lets the copiers start on the armed checkpoint (call once the target resumed)."""
         lib.trk_release(self._t)
 
+    def redirty(self, pfns: np.ndarray) -> None:
+        """The next arm owes these pages again (a dropped checkpoint's, once it is collected
+        whole): its arm had taken them out of the dirty set."""
+        pfns = np.ascontiguousarray(pfns, np.uint64)
+        self._check(lib.trk_redirty(self._t, ffi.from_buffer("uint64_t[]", pfns), len(pfns)),
+                    "owing a dropped checkpoint's pages again")
+
     def collect(self, timeout_ms: int = 200, stall: float = STALL_SECONDS) -> Collected | None:
         """Next copied pages of the checkpoint in flight; None once it is drained whole.
         Copiers need nothing but CPU once released, so a drain that yields nothing for

@@ -8,6 +8,7 @@ from vmckpt.storage.errors import (
     MissingPage,
     NotAStore,
     StoreError,
+    StoreFull,
     StoreLocked,
     UnknownCheckpoint,
 )
@@ -25,5 +26,5 @@ def open_store(path: str | Path, *, create: bool = False, readonly: bool = False
 
 
 __all__ = ["FormatMismatch", "MapDelta", "MissingPage", "NotAStore", "PageMap", "PageStore",
-           "PutResult", "RestoreStats", "StoreError", "StoreLocked", "UnknownCheckpoint",
-           "ZERO_ID", "get_blob", "open_store", "put_blob", "restore_image"]
+           "PutResult", "RestoreStats", "StoreError", "StoreFull", "StoreLocked",
+           "UnknownCheckpoint", "ZERO_ID", "get_blob", "open_store", "put_blob", "restore_image"]

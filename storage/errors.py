@@ -23,3 +23,7 @@ class UnknownCheckpoint(StoreError):
 
 class MissingPage(StoreError):
     pass
+
+
+class StoreFull(StoreError):
+    """The store cannot take more (no space, quota, I/O error): what is stored stays sound."""

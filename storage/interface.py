@@ -97,6 +97,11 @@ class PageStore(ABC):
         new or deduplicated, by a checkpoint not yet committed when the sweep began or while
         it ran. dry_run: only counts."""
 
+    def recover(self) -> bool:
+        """After a StoreFull: whether the store takes writes again (a backend may reopen
+        itself here). The engine asks before it tries another checkpoint."""
+        return True
+
     def control_socket(self) -> Path | None:
         """Where an engine holding this store answers maintenance requests (None: nowhere)."""
         return None

@@ -57,11 +57,12 @@ def test_consistency_random_writes_racing_the_copiers_pre_armed(tmp_path, tracki
                                 EngineOptions(copiers=1, buffer_bytes=1 << 20,
                                               tracking=tracking, pre_arm=lead),
                                 on_paused=lambda e: refs.append(bytes(e.tracker.ram_view())))
+                records = []
                 for _ in range(30):
                     await engine.pre_arm()  # a no-op before the third checkpoint
                     await asyncio.sleep(lead)  # the guest writes between pre-arm and pause
-                    await engine.checkpoint()
-                return engine.records
+                    records.append(await engine.checkpoint())
+                return records
 
     records = asyncio.run(go())
     check_all(tmp_path / "store", refs, tmp_path)

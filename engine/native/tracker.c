@@ -898,3 +898,28 @@ void trk_destroy(trk_t *t)
         close(t->evfd);
     free(t->copiers), free(t->dirty), free((void *)t->st), free(t->owed), free(t);
 }
+
+/* Marks the units holding pages pfns[0..n) (4 KiB page numbers) dirty again, so that the next
+ * arm owes them: for a checkpoint dropped after its arm had taken the dirty set (the store
+ * could not take its pages). Call once that checkpoint is collected whole. On the async uffd
+ * a unit counts as written when it is not protected, so there it is un-protected instead. */
+int trk_redirty(trk_t *t, const uint64_t *pfns, uint64_t n)
+{
+    int rc = 0;
+
+    pthread_mutex_lock(&t->arm_lock);
+    for (uint64_t i = 0; i < n && !rc; i++) {
+        uint64_t u = pfns[i] / t->ppu;
+        if (u >= t->nunits)
+            rc = -EINVAL;
+        else if (t->async_on)
+            rc = trk_wp_range(t->cfg.async_uffd, t->cfg.target_base + u * t->cfg.unit,
+                              t->cfg.unit, 0);
+        else if (!(t->dirty[u / 64] & (1ull << (u % 64)))) {
+            t->dirty[u / 64] |= 1ull << (u % 64);
+            t->dirty_units++;
+        }
+    }
+    pthread_mutex_unlock(&t->arm_lock);
+    return rc;
+}

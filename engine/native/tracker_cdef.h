@@ -78,3 +78,6 @@ int trk_wp_range(int uffd, uint64_t start, uint64_t len, int protect);
 int trk_wp_units(int uffd, uint64_t base, const uint64_t *units, uint64_t n, uint32_t unit,
                  uint64_t *runs);
 void trk_hash_pages(const uint8_t *pages, int n, uint8_t *ids, uint8_t *zero);
+
+/* A dropped checkpoint's pages (4 KiB page numbers) are owed again by the next arm. */
+int trk_redirty(trk_t *t, const uint64_t *pfns, uint64_t n);
