@@ -204,5 +204,8 @@ def preload_path_cmd() -> None:
 
 
 from vmckpt.cli import bench as _bench  # noqa: E402,F401 (registers `vmckpt bench`)
+from vmckpt.cli import check as _check  # noqa: E402,F401 (registers check)
+from vmckpt.cli import export as _export  # noqa: E402,F401 (registers export)
 from vmckpt.cli import inspect as _inspect  # noqa: E402,F401 (registers ls, show, ...)
 from vmckpt.cli import maintain as _maintain  # noqa: E402,F401 (registers prune, gc)
+from vmckpt.cli import plot as _plot  # noqa: E402,F401 (registers plot)
