@@ -12,6 +12,7 @@ from vmckpt.cli.main import _fail, main, store_option
 from vmckpt.cli.text import checkpoint_arg, emit_json, json_option, json_safe, reading, size_text
 from vmckpt.engine.qemu.argv import QemuArgsError, for_restore
 from vmckpt.storage.inspect import Export, export_checkpoint
+from vmckpt.storage.private import write_private
 
 
 def without_qmp(argv: list[str]) -> list[str]:
@@ -92,7 +93,8 @@ def export(store_path: Path, out_dir: Path, as_json: bool, ckpt: str) -> None:
         "device_state_size": rec["device_state"]["size"] if done.device_state else None,
         "target": target, "qemu": hint,
     }
-    (out / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=1) + "\n")
+    text = json.dumps(json_safe(manifest), indent=1) + "\n"
+    write_private(out / "manifest.json", text.encode())
     if as_json:
         emit_json(manifest)
         return

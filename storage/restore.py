@@ -1,4 +1,4 @@
-"""Materialise a checkpoint's RAM into a sparse file, bit-exact."""
+"""Materialise a checkpoint's RAM into a sparse file, bit-exact, readable by its owner only."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+from vmckpt.storage.errors import Damaged, MissingPage
 from vmckpt.storage.interface import PageStore
+from vmckpt.storage.private import open_private
 
 CHUNK = 1024  # distinct pages per read
 
@@ -38,7 +40,7 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
     size = store.page_size
     if progress is None:
         progress = sys.stderr.isatty() and rec["ram_size"] >= 256 << 20
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(path)
     try:
         os.ftruncate(fd, rec["ram_size"])  # holes read as zeros: zero pages cost nothing
 
@@ -52,8 +54,11 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
 
         with ThreadPoolExecutor(workers) as pool, tqdm(
                 total=len(pfns), unit="page", disable=not progress, desc="restore") as bar:
-            for n in pool.map(write_chunk, range(0, len(uniq), CHUNK)):
-                bar.update(n)
+            try:
+                for n in pool.map(write_chunk, range(0, len(uniq), CHUNK)):
+                    bar.update(n)
+            except (Damaged, MissingPage) as e:
+                raise type(e)(f"checkpoint {rec['id']} cannot be restored: {e}") from None
     finally:
         os.close(fd)
     return RestoreStats(len(pfns), len(uniq), len(pfns) * size, time.perf_counter() - t0)
