@@ -29,16 +29,18 @@ class MissingPage(StoreError):
     pass
 
 
+REPAIR_HINT = "`vmckpt check` says what is damaged, `vmckpt check --repair` salvages the rest"
+
+
 class Damaged(StoreError):
     """Part of the store does not read back as it was written: a checksum that does not match,
-    a truncated or lost file. checkpoints: those known to be hit (empty: not known here)."""
+    a truncated or lost file. what: what is wrong, said without the store; checkpoints: those
+    known to be hit (empty: not known here)."""
 
-    def __init__(self, message: str, checkpoints: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.checkpoints = checkpoints
-
-
-REPAIR_HINT = "`vmckpt check` says what is damaged, `vmckpt check --repair` salvages the rest"
+    def __init__(self, store: object, what: str, checkpoints: tuple[int, ...] = (),
+                 hint: str = REPAIR_HINT) -> None:
+        super().__init__(f"store {store} is damaged: {what}; {hint}")
+        self.store, self.what, self.checkpoints = store, what, checkpoints
 
 
 def id_ranges(ids: Iterable[int]) -> str:

@@ -20,6 +20,7 @@ from vmckpt.storage.restore import RestoreStats, restore_image
 # A page id as one numpy value: sortable and comparable, so sets of ids stay vectorised.
 ID = np.dtype((np.void, ID_BYTES))
 BATCH = 1024  # pages hashed at a time
+MAX_LISTED = 10  # bad pages listed one by one; more that share what is wrong share a line
 
 
 def as_ids(rows: np.ndarray) -> np.ndarray:
@@ -119,8 +120,9 @@ def store_stats(store: PageStore, top: int = 10) -> dict:
 
 @dataclass
 class Problem:
-    kind: str  # bad_record, missing_map, bad_map, broken_chain, long_chain, bad_device_state,
-    #            missing_page, unreadable_page, corrupt_page, damaged_pages
+    kind: str  # store, truncated_table, bad_record, missing_map, bad_map, broken_chain,
+    #            long_chain, bad_device_state, missing_page, unreadable_page, corrupt_page,
+    #            damaged_pages
     message: str
     checkpoint: int | None = None
     pfn: int | None = None
@@ -183,10 +185,11 @@ def decode_map(store: PageStore, rec: dict) -> MapDelta | Problem:
 
 
 def damage_text(e: Damaged) -> str:
-    """What a Damaged error says is wrong, without the store's name and the advice (a check
-    report gives those once)."""
-    text = str(e).split(" is damaged: ", 1)[-1].rsplit("; `vmckpt check", 1)[0]
-    for ckpt in e.checkpoints:
+    """What a Damaged error says is wrong, about the checkpoint it names first ("its map ..."):
+    a check report names the store and gives the advice once."""
+    text = e.what
+    if e.checkpoints:
+        ckpt = e.checkpoints[0]
         text = text.replace(f"the map of checkpoint {ckpt}", "its map").replace(
             f"the record of checkpoint {ckpt}", "its record")
     return text
@@ -219,8 +222,14 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
     deltas: dict[int, int] = {}  # checkpoint -> deltas above its full map (chain intact)
     broken: dict[int, int] = {ckpt: ckpt for ckpt in unreadable}  # -> where its chain breaks
     needed: list[np.ndarray] = []  # the page ids checkpoints name (unique in parts)
+    for why in store.truncated_tables():
+        report.problems.append(Problem(
+            "truncated_table", f"{why}: what it holds cannot be read, nor what older table "
+                               "files hold under the same keys, until `vmckpt check --repair` "
+                               "sets it aside"))
     for ckpt, why in sorted(unreadable.items()):
-        report.problems.append(Problem("bad_record", f"checkpoint {ckpt}: {why}", ckpt))
+        report.problems.append(Problem("bad_record", f"checkpoint {ckpt}: its record {why}",
+                                       ckpt))
 
     def late() -> bool:
         if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -280,7 +289,10 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
                     report.pages_checked += len(batch)
                     bar.update(len(batch))
             except Damaged as e:  # the pages a checkpoint needs are each read below
-                report.problems.append(Problem("damaged_pages", damage_text(e)))
+                report.problems.append(Problem(
+                    "damaged_pages", f"the scan of the stored pages stopped at a bad block "
+                                     f"({e.what.split(' (', 1)[-1]}; the pages checkpoints need "
+                                     "were then read one by one"))
     if report.complete and needed:
         wanted = [pid.tobytes() for pid in np.unique(np.concatenate(needed))]
         for lo in range(0, len(wanted), BATCH):
@@ -310,6 +322,13 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
     report.intact = [c for c in known if c not in hit] if report.complete else []
     report.seconds = time.monotonic() - t0
     return report
+
+
+def plural(what: str) -> str:
+    """'is missing' -> 'are missing', 'holds data ...' -> 'hold data ...'."""
+    verb, _, rest = what.partition(" ")
+    verb = {"is": "are", "holds": "hold", "does": "do"}.get(verb, verb)
+    return f"{verb} {rest}"
 
 
 def _batches(items: Iterator[tuple[bytes, bytes]], n: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -363,6 +382,21 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
             for row in device:
                 if row.tobytes() in bad:
                     where[row.tobytes()].append((ckpt, None))
+    groups: dict[tuple[str, str], list[bytes]] = {}
+    for pid, problem in bad.items():
+        groups.setdefault(problem, []).append(pid)
+    for (kind, what), pids in groups.items():
+        if len(pids) <= MAX_LISTED:
+            continue
+        # One line for many pages gone the same way (a lost table file), not one each.
+        ckpts = sorted({c for pid in pids for c, _ in where[pid]})
+        report.problems.append(Problem(
+            kind, f"{len(pids)} pages {plural(what)}"
+                  + (f"; checkpoints that need them: {id_ranges(ckpts)}" if ckpts else
+                     "; no readable map names them"),
+            ckpts[0] if ckpts else None, checkpoints=ckpts))
+        for pid in pids:
+            del bad[pid]
     for pid, (kind, what) in bad.items():
         refs = where[pid]
         if not refs:
@@ -397,9 +431,12 @@ def export_checkpoint(store: PageStore, ckpt: int | str, out_dir: Path) -> Expor
     if rec.get("device_state"):
         try:
             state = get_blob(store, rec["device_state"])
-        except (Damaged, MissingPage) as e:
-            raise type(e)(f"checkpoint {rec['id']}: its device state cannot be read: {e}"
-                          ) from None
+        except Damaged as e:
+            raise Damaged(e.store, f"checkpoint {rec['id']}: its device state cannot be read: "
+                          f"{e.what}", (rec["id"],)) from None
+        except MissingPage as e:
+            raise MissingPage(f"checkpoint {rec['id']}: its device state cannot be read: {e}"
+                              ) from None
         write_private(device, state)
         return Export(rec, ram, stats, device)
     device.unlink(missing_ok=True)

@@ -119,6 +119,11 @@ class PageStore(ABC):
         new or deduplicated, by a checkpoint not yet committed when the sweep began or while
         it ran. dry_run: only counts."""
 
+    def truncated_tables(self) -> list[str]:
+        """Files of the store that are not the size they were written with, each said as a
+        reason ("table file ... is N bytes where ..."); none for a backend that cannot tell."""
+        return []
+
     def control_socket(self) -> Path | None:
         """Where an engine holding this store answers maintenance requests (None: nowhere)."""
         return None

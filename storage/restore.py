@@ -57,8 +57,11 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
             try:
                 for n in pool.map(write_chunk, range(0, len(uniq), CHUNK)):
                     bar.update(n)
-            except (Damaged, MissingPage) as e:
-                raise type(e)(f"checkpoint {rec['id']} cannot be restored: {e}") from None
+            except Damaged as e:
+                raise Damaged(e.store, f"checkpoint {rec['id']} cannot be restored: {e.what}",
+                              (rec["id"],)) from None
+            except MissingPage as e:
+                raise MissingPage(f"checkpoint {rec['id']} cannot be restored: {e}") from None
     finally:
         os.close(fd)
     return RestoreStats(len(pfns), len(uniq), len(pfns) * size, time.perf_counter() - t0)

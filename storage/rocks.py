@@ -46,6 +46,7 @@ LAST_ID = b"last_id"  # the highest id ever given out, once a prune has dropped 
 OPEN_ATTEMPTS = 20  # read-only opens, while a writer compacts
 CONTROL_SOCKET = "control.sock"  # RocksDB leaves files it did not make alone
 MARKER = "VMCKPT-STORE"  # says "a vmckpt store" before RocksDB is asked anything
+REBUILD_HINT = "`vmckpt check --repair` rebuilds it from its table files"
 ID_KEY = 8  # bytes of a record's or map's key: records and maps are the families keyed so
 
 
@@ -84,7 +85,7 @@ def rocks_reason(error: Exception) -> str:
     if m := re.search(r"Sst file size mismatch: \S*?([^/\s]+\.sst)\. Expected (\d+), actual "
                       r"size (\d+)", text):
         return f"table file {m[1]} is {m[3]} bytes where the manifest says {m[2]} (truncated)"
-    if m := re.search(r"([^/\s]+): No such file or directory", text):
+    if m := re.search(r"/([^/\s]+): No such file or directory", text):
         return f"its file {m[1]} is missing"
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -115,15 +116,13 @@ def identify(path: Path) -> None:
     vmckpt = looks_like_store(path)
     if not (path / "CURRENT").exists():
         if vmckpt:
-            raise Damaged(f"store {path} is damaged: its file CURRENT is missing; "
-                          "`vmckpt check --repair` rebuilds it from the table files")
+            raise Damaged(path, "its file CURRENT is missing", hint=REBUILD_HINT)
         raise NotAStore(f"{path} is not a vmckpt store (and not empty)")
     try:
         families = Rdict.list_cf(str(path), Options(raw_mode=True))
     except Exception as e:
         if vmckpt:
-            raise Damaged(f"store {path} is damaged: {rocks_reason(e)}; `vmckpt check "
-                          "--repair` rebuilds it from the table files") from None
+            raise Damaged(path, rocks_reason(e), hint=REBUILD_HINT) from None
         raise NotAStore(f"{path} is not a vmckpt store ({rocks_reason(e)})") from None
     if not set(CFS) <= set(families):
         raise NotAStore(f"{path} is a RocksDB database but not a vmckpt store")
@@ -186,8 +185,7 @@ class RocksStore(PageStore):
         if not readonly and self.damaged_records():
             # Ids and parents come from the records: a writer must not guess them.
             self.close()
-            raise Damaged(f"store {self.path} is damaged: the records of its newest "
-                          f"checkpoints cannot be read; {REPAIR_HINT}")
+            raise Damaged(self.path, "the records of its newest checkpoints cannot be read")
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nowal = WriteOptions()
@@ -230,8 +228,7 @@ class RocksStore(PageStore):
                 if "No such file" in text and attempts:
                     continue
                 if is_damage(e):
-                    raise Damaged(f"store {self.path} is damaged: {rocks_reason(e)}; "
-                                  f"{REPAIR_HINT}") from None
+                    raise Damaged(self.path, rocks_reason(e)) from None
                 raise StoreError(f"cannot open store {self.path}: {text}") from None
 
     # Every read of the store goes through these: damage becomes Damaged, in one line.
@@ -242,8 +239,7 @@ class RocksStore(PageStore):
         except Exception as e:
             if not is_damage(e):
                 raise
-            raise Damaged(f"store {self.path} is damaged: {what} is unreadable "
-                          f"({rocks_reason(e)}); {REPAIR_HINT}",
+            raise Damaged(self.path, f"{what} is unreadable ({rocks_reason(e)})",
                           () if ckpt is None else (ckpt,)) from None
 
     def _unseal(self, blob: bytes, what: str, ckpt: int) -> bytes:
@@ -252,8 +248,7 @@ class RocksStore(PageStore):
         try:
             return unseal(blob)
         except BadEnvelope as e:
-            raise Damaged(f"store {self.path} is damaged: {what} {e}; {REPAIR_HINT}",
-                          (ckpt,)) from None
+            raise Damaged(self.path, f"{what} {e}", (ckpt,)) from None
 
     def _seal(self, payload: bytes) -> bytes:
         return seal(payload) if self.version >= 2 else payload
@@ -295,10 +290,13 @@ class RocksStore(PageStore):
             it.seek(_key(top + 1))  # what only the memtable holds
             last, probed = top, True
 
-    def _top_id(self) -> int:
-        """The highest checkpoint id the table files' key ranges and the default family know."""
+    def _top_id(self, *, family_only: bool = False) -> int:
+        """The highest checkpoint id the table files' key ranges (those of records and maps)
+        and, unless family_only, the highest id given out know."""
         top = max((int.from_bytes(f["end_key"], "big") for f in self.db.live_files()
                    if len(f["end_key"]) == ID_KEY), default=0)
+        if family_only:
+            return top
         try:
             top = max(top, int.from_bytes(self.db.get(LAST_ID) or b"", "big"))
         except Exception as e:
@@ -307,13 +305,14 @@ class RocksStore(PageStore):
         return top
 
     def _newest(self) -> int:
+        """The newest checkpoint's id: the last record, unless a table file knows a higher id
+        than it (the newest records unreadable): then every id is asked for."""
         it = self.cf["records"].iter()
         it.seek_to_last()
-        if it.valid():
+        if it.valid() and int.from_bytes(it.key(), "big") >= self._top_id(family_only=True):
             return int.from_bytes(it.key(), "big")
         try:
             it.status()
-            return 0
         except Exception as e:
             if not is_damage(e):
                 raise
@@ -346,10 +345,6 @@ class RocksStore(PageStore):
                 # record names them; a crash before that loses only pages nothing refers to.
                 self.db.write(batch, self._nowal)
         return PutResult(new, dup, new * size)
-
-    def _newest(self) -> int:
-        return max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
-                   default=0)
 
     def _known(self) -> set[bytes]:
         """Every stored page id, in memory for dedup against all history: read on first use
@@ -412,8 +407,8 @@ class RocksStore(PageStore):
             if not isinstance(rec, dict) or rec.get("id") != ckpt:
                 raise ValueError("it names another checkpoint")
         except ValueError as e:
-            raise Damaged(f"store {self.path} is damaged: the record of checkpoint {ckpt} "
-                          f"cannot be decoded ({e}); {REPAIR_HINT}", (ckpt,)) from None
+            raise Damaged(self.path, f"the record of checkpoint {ckpt} cannot be decoded ({e})",
+                          (ckpt,)) from None
         return rec
 
     def get_record(self, ckpt: int | str) -> dict:
@@ -421,8 +416,9 @@ class RocksStore(PageStore):
         return self._record(ckpt, self._record_blob(ckpt))
 
     def read_records(self) -> tuple[list[dict], dict[int, str]]:
-        """Every record that reads back whole, and why each other one does not, by id. An
-        id whose record is unreadable but whose map reads back absent was pruned."""
+        """Every record that reads back whole, and what is wrong with each other one, by id
+        ("is unreadable (...)"). An id whose record is unreadable but whose map reads back
+        absent was pruned."""
         good, bad = [], {}
         for ckpt, value in self._ids("records"):
             if isinstance(value, Exception):
@@ -431,13 +427,13 @@ class RocksStore(PageStore):
                         continue
                 except Exception:  # noqa: S110 (then both are unreadable: damaged)
                     pass
-                bad[ckpt] = f"its record is unreadable ({rocks_reason(value)})"
+                bad[ckpt] = f"is unreadable ({rocks_reason(value)})"
                 continue
             try:
                 good.append(self._record(ckpt, value))
             except Damaged as e:
-                bad[ckpt] = str(e).split(": ", 1)[1].split("; ")[0].replace(
-                    f"the record of checkpoint {ckpt}", "its record")
+                bad[ckpt] = str(e).split(f"the record of checkpoint {ckpt} ", 1)[1].rsplit(
+                    f"; {REPAIR_HINT}", 1)[0]
         return good, bad
 
     def damaged_records(self) -> dict[int, str]:
@@ -455,32 +451,35 @@ class RocksStore(PageStore):
         records, bad = self.read_records()
         if bad:
             ckpts = sorted(bad)
-            first = bad[ckpts[0]]
-            raise Damaged(f"store {self.path} is damaged: checkpoint"
-                          f"{'s' if len(ckpts) > 1 else ''} {id_ranges(ckpts)}: {first}; "
-                          f"{REPAIR_HINT}", tuple(ckpts))
+            why = bad[ckpts[0]]
+            which = (f"the record of checkpoint {ckpts[0]} {why}" if len(ckpts) == 1 else
+                     f"the records of checkpoints {id_ranges(ckpts)} "
+                     + why.replace("is ", "are ", 1).replace("does ", "do ", 1))
+            raise Damaged(self.path, which, tuple(ckpts))
         return records
 
     def read_map(self, ckpt: int | str) -> PageMap:
-        chain: list[MapDelta] = []
         rec = top = self.get_record(ckpt)
-        while True:
-            try:
-                kind, delta = MapDelta.decode(self.map_blob(rec["id"], must=True))
-            except Damaged as e:
-                if rec is top:
-                    raise
-                raise Damaged(f"checkpoint {top['id']} cannot be restored: its map chain goes "
-                              f"through checkpoint {rec['id']}: {e}",
-                              (top["id"], *e.checkpoints)) from None
-            except (ValueError, KeyError, TypeError) as e:
-                raise Damaged(f"store {self.path} is damaged: the map of checkpoint "
-                              f"{rec['id']} cannot be decoded ({e}); {REPAIR_HINT}",
-                              (top["id"], rec["id"])) from None
-            chain.append(delta)
-            if kind == "full":
-                break
-            rec = self.get_record(rec["parent"])
+        chain: list[MapDelta] = []
+        try:
+            while True:
+                try:
+                    kind, delta = MapDelta.decode(self.map_blob(rec["id"], must=True))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise Damaged(self.path, f"the map of checkpoint {rec['id']} cannot be "
+                                  f"decoded ({e})", (rec["id"],)) from None
+                chain.append(delta)
+                if kind == "full":
+                    break
+                rec = self.get_record(rec["parent"])
+        except Damaged as e:
+            if not chain:  # its own map
+                raise
+            # Further down the chain: say which checkpoint this restore needed it for.
+            where = e.checkpoints[0] if e.checkpoints else rec["id"]
+            raise Damaged(self.path, f"checkpoint {top['id']} cannot be restored: its map "
+                          f"chain goes through checkpoint {where}, and {e.what}",
+                          (top["id"], *e.checkpoints)) from None
         pmap = PageMap.empty(rec["ram_size"] // self.page_size)
         for delta in reversed(chain):
             pmap.apply(delta)
@@ -576,6 +575,31 @@ class RocksStore(PageStore):
             if not self.readonly:
                 private_files(self.path)  # the files RocksDB made while it was open
 
+    def flush(self) -> None:
+        """Everything written so far into table files (pages are written without a WAL)."""
+        for cf in self.cf.values():
+            cf.flush()
+        self.db.flush()
+
+    def reserve_ids(self, high: int) -> None:
+        """Ids up to high are never given out (a repaired store keeps its ids unique)."""
+        self._high = max(self._high, high)
+
+    def truncated_tables(self) -> list[str]:
+        """Table files shorter (or longer) than the manifest says, each said as a reason."""
+        out = []
+        for f in self.db.live_files():
+            path = self.path / f["name"].lstrip("/")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                out.append(f"table file {path.name} is missing")
+                continue
+            if size != f["size"]:
+                out.append(f"table file {path.name} is {size} bytes where the manifest says "
+                           f"{f['size']} (truncated)")
+        return out
+
     def discard_if_unused(self) -> None:
         """Closes the store, and if this open created it and no checkpoint was committed,
         takes it away again: a run refused before it started leaves nothing behind."""
@@ -599,8 +623,7 @@ class RocksStore(PageStore):
         blob = self._read(self.cf["maps"], _key(ckpt), f"the map of checkpoint {ckpt}", ckpt)
         if blob is None:
             if must:
-                raise Damaged(f"store {self.path} is damaged: checkpoint {ckpt} has no map; "
-                              f"{REPAIR_HINT}", (ckpt,))
+                raise Damaged(self.path, f"checkpoint {ckpt} has no map", (ckpt,))
             return None
         return self._unseal(blob, f"the map of checkpoint {ckpt}", ckpt)
 
@@ -615,9 +638,8 @@ class RocksStore(PageStore):
         except Exception as e:
             if not is_damage(e):
                 raise
-            raise Damaged(f"store {self.path} is damaged: its pages are unreadable past "
-                          f"the stored pages read so far ({rocks_reason(e)}); {REPAIR_HINT}"
-                          ) from None
+            raise Damaged(self.path, f"its stored pages cannot all be read "
+                                     f"({rocks_reason(e)})") from None
 
     def page_count(self) -> int:
         # Pages are only ever added once each (dedup), and gc compacts away what it deletes,
