@@ -21,7 +21,7 @@ from rocksdict import AccessType, Options, Rdict
 from test_inspect import assert_one_line_error, ok, run_synth, vmckpt
 from vmckpt.storage import MapDelta, open_store, restore_image
 from vmckpt.storage.envelope import HEADER
-from vmckpt.storage.errors import id_ranges
+from vmckpt.storage.inspect import id_ranges
 
 CHECKPOINTS = 12
 FULL_EVERY = 4  # full maps at 1, 5, 9: damage in one chain leaves the others intact
