@@ -106,7 +106,11 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
     """Runs an engine command on the store; exits with its status, or one line on failure."""
     try:
         with open_store(store_path, create=create) as store:
-            status = uvloop.run(coro_fn(store))
+            try:
+                status = uvloop.run(coro_fn(store))
+            except BaseException:
+                store.discard_if_unused()  # a run refused before it started leaves no store
+                raise
     except ENGINE_ERRORS as e:
         _fail(str(e))
     except FileNotFoundError as e:

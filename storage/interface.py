@@ -124,6 +124,11 @@ class PageStore(ABC):
         reason ("table file ... is N bytes where ..."); none for a backend that cannot tell."""
         return []
 
+    def discard_if_unused(self) -> None:
+        """Closes the store; if this open created it and no checkpoint was committed into it,
+        takes it away again (a run refused before it started)."""
+        self.close()
+
     def control_socket(self) -> Path | None:
         """Where an engine holding this store answers maintenance requests (None: nowhere)."""
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -95,6 +96,17 @@ def is_damage(error: Exception) -> bool:
     return text.startswith(("Corruption", "IO error")) or "checksum" in text
 
 
+def shadow_of(path: Path) -> Path:
+    """A private directory of links to the store's files, for RocksDB to open read-only: the
+    library (rocksdict) writes a config file into whatever directory it opens, and a reader
+    must never write into a store (it may not be allowed to, or it may not be a store)."""
+    shadow = Path(tempfile.mkdtemp(prefix="vmckpt-read-"))
+    for entry in os.scandir(path):
+        if entry.is_file() and entry.name not in ("rocksdict-config.json", "LOCK"):
+            os.symlink(entry.path, shadow / entry.name)
+    return shadow
+
+
 def looks_like_store(path: Path) -> bool:
     """A vmckpt store by its files alone, RocksDB not asked: the marker, or (stores made
     before it) RocksDB options that name the store's column families."""
@@ -133,6 +145,7 @@ class RocksStore(PageStore):
                  full_every: int = 16) -> None:
         self.path = Path(path)
         self.db = None
+        self._shadow: Path | None = None
         self.cf: dict[str, Rdict] = {}
         self.readonly = readonly
         if self.path.exists() and not self.path.is_dir():
@@ -149,7 +162,7 @@ class RocksStore(PageStore):
             identify(self.path)
             if not readonly:
                 self._probe_format()  # before the first write: no vmckpt store, no write
-        self.db = self._open(readonly, fresh)
+        self.db, self._shadow = self._open(readonly, fresh)
         self.cf = {c: self.db.get_column_family(c) for c in CFS}
         self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
         meta = self._read(self.db, b"format", "its format record")
@@ -194,31 +207,35 @@ class RocksStore(PageStore):
     def _probe_format(self) -> None:
         """A read-only look at the format record, so that a RocksDB of another program is
         refused before it is opened for writing (which adds families, rotates its LOG)."""
-        probe = Rdict(str(self.path), _options(paranoid=False),
-                      column_families={c: _options(paranoid=False) for c in CFS},
-                      access_type=AccessType.read_only())
+        probe, shadow = self._open(True)
         try:
             meta = probe.get(b"format")
         except Exception:
             meta = b""  # damaged: the read-write open says how
         finally:
             probe.close()
+            shutil.rmtree(shadow, ignore_errors=True)
         if meta is None:
             raise NotAStore(f"{self.path} is a RocksDB database but not a vmckpt store")
 
-    def _open(self, readonly: bool, fresh: bool = False) -> Rdict:
+    def _open(self, readonly: bool, fresh: bool = False) -> tuple[Rdict, Path | None]:
+        """The database, and for a read-only open the shadow directory it was opened through
+        (see shadow_of)."""
         access = AccessType.read_only() if readonly else AccessType.read_write()
         attempts = OPEN_ATTEMPTS if readonly else 1
         while True:
             opts = _options(paranoid=not readonly)
             if not fresh:
                 opts.create_if_missing(False)
+            shadow = shadow_of(self.path) if readonly else None
             try:
-                return Rdict(str(self.path), opts,
+                return Rdict(str(shadow or self.path), opts,
                              column_families={c: _options(paranoid=not readonly) for c in CFS},
-                             access_type=access)
+                             access_type=access), shadow
             except Exception as e:
-                text = str(e)
+                if shadow is not None:
+                    shutil.rmtree(shadow, ignore_errors=True)
+                text = str(e).replace(str(shadow), str(self.path)) if shadow else str(e)
                 if "lock" in text.lower():
                     raise StoreLocked(f"store {self.path} is locked by another process "
                                       "(a running engine?)") from None
@@ -228,7 +245,7 @@ class RocksStore(PageStore):
                 if "No such file" in text and attempts:
                     continue
                 if is_damage(e):
-                    raise Damaged(self.path, rocks_reason(e)) from None
+                    raise Damaged(self.path, rocks_reason(Exception(text))) from None
                 raise StoreError(f"cannot open store {self.path}: {text}") from None
 
     # Every read of the store goes through these: damage becomes Damaged, in one line.
@@ -572,6 +589,8 @@ class RocksStore(PageStore):
             self.cf, self.cfh = {}, {}
             self.db.close()
             self.db = None
+            if self._shadow is not None:
+                shutil.rmtree(self._shadow, ignore_errors=True)
             if not self.readonly:
                 private_files(self.path)  # the files RocksDB made while it was open
 
