@@ -27,7 +27,10 @@ class RestoreStats:
 
 
 def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, workers: int = 4,
-                  progress: bool | None = None) -> RestoreStats:
+                  progress: bool | None = None, exclusive: bool = False) -> RestoreStats:
+    """Writes the RAM of checkpoint ckpt into path, a file only its owner can read (made so
+    before any page goes in). exclusive: path must not exist yet, and is not followed if it
+    is a symlink (a predictable name in a shared directory such as /dev/shm)."""
     t0 = time.perf_counter()
     rec = store.get_record(ckpt)
     pmap = store.read_map(rec["id"])
@@ -40,7 +43,7 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
     size = store.page_size
     if progress is None:
         progress = sys.stderr.isatty() and rec["ram_size"] >= 256 << 20
-    fd = open_private(path)
+    fd = open_private(path, os.O_WRONLY | (os.O_EXCL | os.O_NOFOLLOW if exclusive else os.O_TRUNC))
     try:
         os.ftruncate(fd, rec["ram_size"])  # holes read as zeros: zero pages cost nothing
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rocksdict import AccessType, Options, Rdict
-from test_inspect import assert_one_line_error, ok, run_synth, vmckpt
+from test_inspect import assert_one_line_error, held_open, ok, run_synth, vmckpt
 from vmckpt.storage import MapDelta, open_store, restore_image
 from vmckpt.storage.envelope import HEADER
 from vmckpt.storage.inspect import id_ranges
@@ -346,3 +346,16 @@ def test_planted_damage_is_reported_exactly_and_repaired(made, store, damage, tm
     run_synth(store, 1)
     assert max(r["id"] for r in json.loads(ok("ls", "--store", str(store), "--json").stdout)) \
         == CHECKPOINTS + 1
+
+
+def test_repair_refuses_a_store_an_engine_holds_and_leaves_a_sound_one_alone(store):
+    with held_open(store):
+        assert_one_line_error(vmckpt("check", "--repair", "--store", str(store)),
+                              "locked by another process", "stop it before repairing")
+    before = sorted(p.name for p in store.iterdir())
+    r = vmckpt("check", "--repair", "--store", str(store))
+    assert r.returncode == 0 and r.stdout == \
+        f"nothing to repair: all {CHECKPOINTS} checkpoints are intact\n", r.stdout
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert not list(store.parent.glob("*.damaged-*"))
+    assert_one_line_error(vmckpt("check", "--dry-run", "--store", str(store)), "--repair")
