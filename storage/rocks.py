@@ -19,6 +19,7 @@ from rocksdict import (
     DBCompressionType,
     Options,
     Rdict,
+    ReadOptions,
     WriteBatch,
     WriteOptions,
 )
@@ -163,6 +164,9 @@ class RocksStore(PageStore):
             if not readonly:
                 self._probe_format()  # before the first write: no vmckpt store, no write
         self.db, self._shadow = self._open(readonly, fresh)
+        reads = ReadOptions()
+        reads.set_verify_checksums(True)  # RocksDB's default, stated: every block read is checked
+        self.db.set_read_options(reads)
         self.cf = {c: self.db.get_column_family(c) for c in CFS}
         self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
         meta = self._read(self.db, b"format", "its format record")

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from rocksdict import AccessType, Options, Rdict
@@ -359,3 +360,29 @@ def test_repair_refuses_a_store_an_engine_holds_and_leaves_a_sound_one_alone(sto
     assert sorted(p.name for p in store.iterdir()) == before
     assert not list(store.parent.glob("*.damaged-*"))
     assert_one_line_error(vmckpt("check", "--dry-run", "--store", str(store)), "--repair")
+
+
+def test_a_v1_store_is_still_read_and_written_as_v1(made, store, tmp_path):
+    """Stores made before format v2 (records and maps without an envelope) read as they are,
+    and an engine run into one goes on writing v1: never a store half of each."""
+    db = Rdict(str(store), Options(raw_mode=True),
+               column_families={c: Options(raw_mode=True) for c in FAMILIES})
+    for family in ("records", "maps"):
+        cf = db.get_column_family(family)
+        for k, v in list(cf.items()):
+            cf[k] = v[HEADER.size:]
+        cf.close()
+    db[b"format"] = msgpack.packb({**msgpack.unpackb(db[b"format"]), "version": 1})
+    db.close()
+    report = json.loads(ok("check", "--read-data", "--json", "--store", str(store)).stdout)
+    assert report["sound"] and report["format_version"] == 1
+    for ckpt in (1, CHECKPOINTS):
+        ok("restore", "--store", str(store), "--image", str(tmp_path / "img"), str(ckpt))
+        assert digest(tmp_path / "img") == made[1][ckpt]
+    run_synth(store, 1)
+    db, cfs = raw(store)
+    newest = cfs["records"][key(CHECKPOINTS + 1)]
+    assert msgpack.unpackb(newest)["id"] == CHECKPOINTS + 1  # unsealed, as v1 is
+    assert msgpack.unpackb(db[b"format"])["version"] == 1
+    close(db, cfs)
+    assert json.loads(ok("check", "--json", "--store", str(store)).stdout)["sound"]
