@@ -1,138 +1,45 @@
-"""`vmckpt ls/show/diff/stats/check/export/plot`: looking into a store. All of them open it
-read-only, so they work while an engine checkpoints into it. --json output is documented in
-docs/json-schema.md."""
+"""`vmckpt ls/show/diff/stats`: looking into a store. Every store command (these, check,
+export, plot) opens it read-only, so they work while an engine checkpoints into it. --json
+output is documented in docs/json-schema.md."""
 
 from __future__ import annotations
 
-import json
-import re
 import shlex
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
-from vmckpt.cli.main import _ckpt, _duration, _fail, main, store_option
-from vmckpt.engine.qemu.argv import QemuArgsError, for_restore
-from vmckpt.storage import PageMap, PageStore, StoreError, open_store
-from vmckpt.storage.inspect import (
-    Export,
-    changes,
-    check_store,
-    differing,
-    export_checkpoint,
-    map_chain,
-    runs,
-    store_stats,
+from vmckpt.cli.main import _fail, main, store_option
+from vmckpt.cli.text import (
+    SHORT_ID,
+    age,
+    checkpoint_arg,
+    emit_json,
+    glyphs,
+    json_option,
+    local_time,
+    ms_text,
+    reading,
+    size_text,
+    table,
 )
-
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Machine-readable output (docs/json-schema.md).")
+from vmckpt.storage import PageMap
+from vmckpt.storage.inspect import changes, differing, map_chain, runs, store_stats
 
 GRID_COLUMNS, GRID_ROWS = 64, 16
-SHORT_ID = 12  # hex digits of a page id in tables
 # Record fields that hold seconds or bytes, shown with units by `show`.
 SECONDS = {"pause", "drain_time", "stop", "arm", "extra", "resume", "fault_service_p50",
            "fault_service_p99", "seconds", "interval", "pre_arm", "commit_time",
            "switch_pause", "switch_move"}
 BYTES = {"ram_size", "page_size", "bytes_added", "buffer_bytes", "size", "bytes"}
-UNICODE = {"fork": "├─ ", "bar": "│  ", "zero": " ", "same": "·", "shades": "░▒▓█"}
-ASCII = {"fork": "|- ", "bar": "|  ", "zero": " ", "same": ".", "shades": ":+*#"}
-
-
-def glyphs() -> dict[str, str]:
-    """Box-drawing and shading characters, or ASCII where stdout cannot encode them."""
-    try:
-        "".join(UNICODE.values()).encode(sys.stdout.encoding or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return ASCII
-    return UNICODE
-
-
-def json_safe(value: Any) -> Any:
-    """Records as JSON: bytes (page ids) as hex."""
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def emit_json(value: Any) -> None:
-    click.echo(json.dumps(json_safe(value), indent=1))
-
-
-@contextmanager
-def store_errors(store_path: Path) -> Iterator[None]:
-    """Any failure to open or read the store ends the command with one line."""
-    try:
-        yield
-    except StoreError as e:
-        _fail(str(e))
-    except (KeyError, ValueError) as e:  # a record or map that is not what it should be
-        _fail(f"cannot read store {store_path} ({type(e).__name__}: {e}); "
-              "`vmckpt check` says what is damaged")
-
-
-@contextmanager
-def reading(store_path: Path) -> Iterator[PageStore]:
-    """The store opened read-only."""
-    with store_errors(store_path), open_store(store_path, readonly=True) as store:
-        yield store
-
-
-def checkpoint_arg(text: str, store_path: Path) -> int | str:
-    """An id or 'latest'; ids a store cannot hold (keys are 64-bit) are refused here."""
-    which = _ckpt(text)
-    if isinstance(which, int) and not 0 < which < 1 << 64:
-        _fail(f"no checkpoint {which} in {store_path}")
-    return which
-
-
-def size_text(n: float | None) -> str:
-    if n is None:
-        return "-"
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    scale = 0
-    while abs(n) >= 1024 and scale < len(units) - 1:
-        n, scale = n / 1024, scale + 1
-    return f"{n:.0f} {units[scale]}" if n == int(n) else f"{n:.1f} {units[scale]}"
-
-
-def ms_text(seconds: float | None, decimals: int = 2) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.{decimals}f}"
-
-
-def local_time(t: float, *, millis: bool = False) -> str:
-    text = datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{int(t * 1000) % 1000:03d}" if millis else text
-
-
-def table(rows: list[list[str]], left: int = 0) -> None:
-    """Prints rows (the first is the header) in aligned columns; the first `left` columns
-    are left-aligned (text), the others right-aligned (numbers)."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) if i < left else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 # ---------------------------------------------------------------------------- ls
-
-
-def age(text: str) -> float | None:
-    """An age like 90s, 10m, 2h, 3d in seconds; None if text is not one."""
-    ago = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    return float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[2]] if ago else None
 
 
 def since_time(text: str) -> float:
@@ -427,209 +334,3 @@ def stats(store_path: Path, top: int, as_json: bool) -> None:
               + [["", p["id"][:SHORT_ID], str(p["frames"]),
                   share_text(p["frames"] / newest["pages"])] for p in newest["top_pages"]],
               left=2)
-
-
-# ------------------------------------------------------------------------- check
-
-
-EXIT_PROBLEMS, EXIT_INCOMPLETE = 1, 3
-
-
-@main.command()
-@store_option
-@click.option("--read-data", is_flag=True,
-              help="Also read every stored page and verify it hashes to its id.")
-@click.option("--max-duration", help="Stop after this long (30s, 5m); the check is then "
-                                     f"incomplete: exit status {EXIT_INCOMPLETE}.")
-@json_option
-def check(store_path: Path, read_data: bool, max_duration: str | None, as_json: bool) -> None:
-    """Verify the store: every checkpoint has its map, every map chain resolves, every page a
-    checkpoint needs is stored (and with --read-data, is what its id says). Exit status 0:
-    sound; 1: problems (each listed, by checkpoint and page); 3: stopped by --max-duration
-    before the end, no problem so far; 2: the check could not run."""
-    try:
-        seconds = _duration(max_duration) if max_duration is not None else None
-    except ValueError:
-        _fail(f"--max-duration takes a duration (30s, 5m), not {max_duration!r}")
-    with reading(store_path) as store:
-        report = check_store(store, read_data=read_data, max_seconds=seconds,
-                             progress=sys.stderr.isatty())
-    if as_json:
-        emit_json({**asdict(report), "sound": report.sound})
-    else:
-        for p in report.problems:
-            click.echo(p.message)
-        pages = (f", {report.pages_checked} of {report.pages_stored} stored pages hashed"
-                 if read_data else "")
-        done = f"{report.maps_checked} of {report.checkpoints} checkpoints checked{pages}"
-        verdict = ("sound" if report.sound else f"{len(report.problems)} problem(s)"
-                   if report.problems else "incomplete")
-        stopped = "" if report.complete else f", stopped by --max-duration {max_duration}"
-        click.echo(f"{verdict}: {done} in {report.seconds:.1f} s{stopped}")
-    if not report.sound:
-        sys.exit(EXIT_PROBLEMS if report.problems else EXIT_INCOMPLETE)
-
-
-# ------------------------------------------------------------------------ export
-
-
-def without_qmp(argv: list[str]) -> list[str]:
-    """argv without its QMP monitors: the engine's (its socket is gone) and any that vmckpt
-    serve owned; the export's hint adds its own."""
-    out, skip = [], False
-    for arg in argv:
-        flag = arg.lstrip("-") if arg.startswith("-") else ""
-        if skip:
-            skip = False
-        elif flag == "qmp":
-            skip = True
-        elif not flag.startswith("qmp="):
-            out.append(arg)
-    return out
-
-
-def qemu_hint(argv: list[str], done: Export, out: Path) -> dict:
-    """How to start a QEMU from the export by hand (what `vmckpt restore` does by itself)."""
-    assert done.device_state is not None
-    qmp = out / "qmp.sock"
-    qemu_argv = [*for_restore(without_qmp(argv), done.ram_image, done.record["ram_size"]),
-                 "-qmp", f"unix:{qmp},server=on,wait=off"]
-    uri = f"exec:cat {shlex.quote(str(done.device_state))}"
-    return {
-        "argv": qemu_argv,
-        "command": shlex.join(qemu_argv),
-        "qmp_socket": str(qmp),
-        "qmp_commands": [
-            {"execute": "qmp_capabilities"},
-            {"execute": "migrate-set-capabilities", "arguments": {
-                "capabilities": [{"capability": "x-ignore-shared", "state": True}]}},
-            {"execute": "migrate-incoming", "arguments": {"uri": uri}},
-            {"execute": "cont"},
-        ],
-        "hmp_commands": ["migrate_set_capability x-ignore-shared on",
-                         f"migrate_incoming {json.dumps(uri)}", "cont"],
-        "howto": "Start QEMU with argv: it waits, paused, for its device state (-incoming "
-                 "defer -S; guest RAM is ram.img, shared). Send qmp_commands in order on "
-                 "qmp_socket, and cont only once query-migrate says \"completed\" (the "
-                 "loaded state is 'paused', so an earlier cont is lost). x-ignore-shared must "
-                 "be on before the state loads, which is why -incoming exec:... on the "
-                 "command line does not work. ram.img must stay while QEMU runs. `vmckpt "
-                 "restore CKPT -- ARGV...` does all of this itself.",
-    }
-
-
-@main.command()
-@store_option
-@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Directory for ram.img, device-state.bin and manifest.json (made if "
-                   "absent).")
-@json_option
-@click.argument("ckpt")
-def export(store_path: Path, out_dir: Path, as_json: bool, ckpt: str) -> None:
-    """Write checkpoint CKPT (an id, or 'latest') out of the store: its RAM as a sparse image,
-    its device state, and a manifest saying how to start QEMU from them."""
-    which = checkpoint_arg(ckpt, store_path)
-    if out_dir.exists() and not out_dir.is_dir():
-        _fail(f"{out_dir} exists and is not a directory")
-    out = out_dir.resolve()
-    with reading(store_path) as store:
-        try:
-            done = export_checkpoint(store, which, out)
-        except OSError as e:
-            _fail(f"cannot write into {out}: {e.strerror}")
-    rec, target = done.record, done.record.get("target") or {}
-    try:
-        hint = qemu_hint(target["argv"], done, out) if done.device_state and \
-            target.get("kind") == "qemu" else None
-    except QemuArgsError as e:
-        _fail(f"checkpoint {rec['id']}: {e}")
-    manifest = {
-        "checkpoint": rec["id"], "parent": rec.get("parent"), "time": rec["time"],
-        "ram_size": rec["ram_size"], "page_size": rec["page_size"],
-        "ram_image": str(done.ram_image), "ram_pages": done.restore.pages,
-        "device_state": str(done.device_state) if done.device_state else None,
-        "device_state_size": rec["device_state"]["size"] if done.device_state else None,
-        "target": target, "qemu": hint,
-    }
-    (out / "manifest.json").write_text(json.dumps(json_safe(manifest), indent=1) + "\n")
-    if as_json:
-        emit_json(manifest)
-        return
-    click.echo(f"checkpoint {rec['id']} exported into {out}:")
-    click.echo(f"  ram.img           {size_text(rec['ram_size'])}, {done.restore.pages} pages "
-               "of data (sparse: zero pages are holes)")
-    if done.device_state:
-        click.echo(f"  device-state.bin  {size_text(rec['device_state']['size'])}")
-    click.echo("  manifest.json")
-    if hint:
-        click.echo("start QEMU with:\n  " + hint["command"])
-        click.echo(f"then on its QMP socket {hint['qmp_socket']}, in order (cont once "
-                   "query-migrate says completed):")
-        for cmd in hint["qmp_commands"]:
-            click.echo("  " + json.dumps(cmd))
-
-
-# -------------------------------------------------------------------------- plot
-
-
-@main.command()
-@store_option
-@click.option("-o", "--output", "out_file", type=click.Path(path_type=Path),
-              default=Path("vmckpt-plot.png"), show_default=True, help="The PNG to write.")
-@json_option
-def plot(store_path: Path, out_file: Path, as_json: bool) -> None:
-    """Plot pause, pages dirtied, bytes stored and dedup per checkpoint over time."""
-    with reading(store_path) as store:
-        records = store.list_checkpoints()
-    if not records:
-        _fail(f"store {store_path} holds no checkpoint to plot")
-    try:
-        draw(records, store_path, out_file)
-    except OSError as e:
-        _fail(f"cannot write {out_file}: {e.strerror}")
-    if as_json:
-        emit_json({"output": str(out_file), "checkpoints": len(records)})
-    else:
-        click.echo(f"wrote {out_file} ({len(records)} checkpoints)")
-
-
-def draw(records: list[dict], store_path: Path, out_file: Path) -> None:
-    import matplotlib  # only here: it adds ~0.3 s to any command that imports it
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    t0 = records[0]["time"]
-    t = [r["time"] - t0 for r in records]
-
-    def series(key: str, scale: float = 1.0) -> list[float]:
-        return [np.nan if r.get(key) is None else r[key] * scale for r in records]
-
-    copied = [(r.get("pages_stored_new") or 0) + (r.get("dedup_hits") or 0) for r in records]
-    panels = [
-        ("pause (ms)", [("pause", series("pause", 1e3))]),
-        ("pages", [("dirtied", series("pages_dirtied")),
-                   ("stored new", series("pages_stored_new"))]),
-        ("new data stored\n(MiB)", [("bytes added", series("bytes_added", 2**-20))]),
-        ("dedup hits (% of\nnon-zero copies)", [("dedup", [
-            100 * (r.get("dedup_hits") or 0) / c if c else np.nan
-            for r, c in zip(records, copied, strict=True)])]),
-    ]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 9), sharex=True)
-    for ax, (label, lines) in zip(axes, panels, strict=True):
-        for name, ys in lines:
-            ax.plot(t, ys, ".-", label=name, markersize=4)
-        ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        if len(lines) > 1:
-            ax.legend(loc="upper right")
-    axes[-1].set_ylim(0, 100)
-    axes[-1].set_xlabel(f"time since checkpoint {records[0]['id']}, "
-                        f"{local_time(t0)} (s)")
-    vm = (records[-1].get("target") or {}).get("name") or "?"
-    fig.suptitle(f"vmckpt store {store_path}: {len(records)} checkpoints of {vm} "
-                 f"({size_text(records[-1]['ram_size'])} RAM), per checkpoint")
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=110)
-    plt.close(fig)

@@ -110,7 +110,11 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
     """Runs an engine command on the store; exits with its status, or one line on failure."""
     try:
         with open_store(store_path, create=create) as store:
-            status = uvloop.run(coro_fn(store))
+            try:
+                status = uvloop.run(coro_fn(store))
+            except BaseException:
+                store.discard_if_unused()  # a run refused before it started leaves no store
+                raise
     except ENGINE_ERRORS as e:
         _fail(str(e))
     except FileNotFoundError as e:
@@ -208,5 +212,8 @@ def preload_path_cmd() -> None:
 
 
 from vmckpt.cli import bench as _bench  # noqa: E402,F401 (registers `vmckpt bench`)
+from vmckpt.cli import check as _check  # noqa: E402,F401 (registers check)
+from vmckpt.cli import export as _export  # noqa: E402,F401 (registers export)
 from vmckpt.cli import inspect as _inspect  # noqa: E402,F401 (registers ls, show, ...)
 from vmckpt.cli import maintain as _maintain  # noqa: E402,F401 (registers prune, gc)
+from vmckpt.cli import plot as _plot  # noqa: E402,F401 (registers plot)

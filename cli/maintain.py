@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from vmckpt.cli.inspect import age, emit_json, json_option, size_text, store_errors
 from vmckpt.cli.main import _fail, main, store_option
+from vmckpt.cli.text import age, emit_json, json_option, size_text, store_errors
 from vmckpt.engine.control import ControlError, NoEngine, ask_engine, perform
 from vmckpt.storage import StoreLocked, open_store
 from vmckpt.storage.inspect import id_ranges

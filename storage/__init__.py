@@ -4,6 +4,7 @@ from pathlib import Path
 
 from vmckpt.storage.blob import get_blob, put_blob
 from vmckpt.storage.errors import (
+    Damaged,
     FormatMismatch,
     MissingPage,
     NotAStore,
@@ -25,6 +26,6 @@ def open_store(path: str | Path, *, create: bool = False, readonly: bool = False
     return RocksStore(path, create=create, readonly=readonly, full_every=full_every)
 
 
-__all__ = ["FormatMismatch", "MapDelta", "MissingPage", "NotAStore", "PageMap", "PageStore",
-           "PutResult", "RestoreStats", "StoreError", "StoreFull", "StoreLocked",
+__all__ = ["Damaged", "FormatMismatch", "MapDelta", "MissingPage", "NotAStore", "PageMap",
+           "PageStore", "PutResult", "RestoreStats", "StoreError", "StoreFull", "StoreLocked",
            "UnknownCheckpoint", "ZERO_ID", "get_blob", "open_store", "put_blob", "restore_image"]

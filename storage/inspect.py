@@ -4,20 +4,23 @@ figures, the consistency check, and export. The CLI presents what these return."
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 from vmckpt.storage.blob import get_blob
+from vmckpt.storage.errors import Damaged, MissingPage, id_ranges
 from vmckpt.storage.interface import PageStore
 from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap, page_ids
+from vmckpt.storage.private import private_dir, write_private
 from vmckpt.storage.restore import RestoreStats, restore_image
 
 # A page id as one numpy value: sortable and comparable, so sets of ids stay vectorised.
 ID = np.dtype((np.void, ID_BYTES))
 BATCH = 1024  # pages hashed at a time
+MAX_LISTED = 10  # bad pages listed one by one; more that share what is wrong share a line
 
 
 def as_ids(rows: np.ndarray) -> np.ndarray:
@@ -117,13 +120,19 @@ def store_stats(store: PageStore, top: int = 10) -> dict:
 
 @dataclass
 class Problem:
-    kind: str  # missing_map, bad_map, broken_chain, long_chain, bad_device_state,
-    #            missing_page, corrupt_page
+    kind: str  # store, truncated_table, bad_record, missing_map, bad_map, broken_chain,
+    #            long_chain, bad_device_state, missing_page, unreadable_page, corrupt_page,
+    #            damaged_pages
     message: str
     checkpoint: int | None = None
     pfn: int | None = None
     page: str | None = None  # hex page id
     checkpoints: list[int] = field(default_factory=list)  # those whose restore needs the page
+
+
+# Problems that leave the checkpoints they name restorable (a chain longer than the store's
+# limit restores; only restores get slower).
+HARMLESS = {"long_chain"}
 
 
 @dataclass
@@ -135,7 +144,10 @@ class CheckReport:
     pages_stored: int = 0
     complete: bool = True
     seconds: float = 0.0
+    format_version: int | None = None
     problems: list[Problem] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)  # checkpoints that cannot be restored
+    intact: list[int] = field(default_factory=list)  # the others: restorable bit-exact
 
     @property
     def sound(self) -> bool:
@@ -145,7 +157,10 @@ class CheckReport:
 def decode_map(store: PageStore, rec: dict) -> MapDelta | Problem:
     """A record's map blob, decoded and checked against the record; or what is wrong with it."""
     ckpt = rec["id"]
-    blob = store.map_blob(ckpt)
+    try:
+        blob = store.map_blob(ckpt)
+    except Damaged as e:
+        return Problem("bad_map", f"checkpoint {ckpt}: {damage_text(e)}", ckpt)
     if blob is None:
         return Problem("missing_map", f"checkpoint {ckpt} has no map", ckpt)
     meta = rec.get("map") or {}
@@ -169,6 +184,17 @@ def decode_map(store: PageStore, rec: dict) -> MapDelta | Problem:
     return Problem("bad_map", f"checkpoint {ckpt}: its map {why}", ckpt)
 
 
+def damage_text(e: Damaged) -> str:
+    """What a Damaged error says is wrong, about the checkpoint it names first ("its map ..."):
+    a check report names the store and gives the advice once."""
+    text = e.what
+    if e.checkpoints:
+        ckpt = e.checkpoints[0]
+        text = text.replace(f"the map of checkpoint {ckpt}", "its map").replace(
+            f"the record of checkpoint {ckpt}", "its record")
+    return text
+
+
 def device_ids(rec: dict, page_size: int) -> np.ndarray | None:
     """The page ids of a record's device state, None if its reference is malformed."""
     ref = rec["device_state"]
@@ -178,25 +204,32 @@ def device_ids(rec: dict, page_size: int) -> np.ndarray | None:
     return np.frombuffer(raw, np.uint8).reshape(-1, ID_BYTES)
 
 
-def id_ranges(ids: Iterable[int]) -> str:
-    """1 2 3 5 -> '1-3, 5'."""
-    pfns = np.array(sorted(ids), np.int64)
-    return ", ".join(f"{a}" if n == 1 else f"{a}-{a + n - 1}" for a, n in runs(pfns))
-
-
 def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float | None = None,
                 progress: bool = False) -> CheckReport:
-    """Verifies every record has a readable map, every map chain reaches a full map within
-    full_every deltas, every page a map or device state names is stored, and with read_data
-    that every stored page hashes to its id. Stops after max_seconds (the report says it is
-    incomplete); problems found are always located, by checkpoint and frame."""
+    """Verifies every record reads back whole and has a readable map, every map chain reaches a
+    full map within full_every deltas, every page a map or device state names is stored and
+    reads back (RocksDB verifies its block checksums), and with read_data that every stored
+    page hashes to its id. Stops after max_seconds (the report says it is incomplete); problems
+    found are always located, by checkpoint and frame, and the report says which checkpoints
+    are damaged (cannot be restored) and which are intact."""
     t0 = time.monotonic()
-    records = store.list_checkpoints()
-    full_every = store.format_info()["full_every"]
-    report = CheckReport(read_data, len(records), pages_stored=store.page_count())
+    records, unreadable = store.read_records()
+    fmt = store.format_info()
+    full_every = fmt["full_every"]
+    report = CheckReport(read_data, len(records) + len(unreadable),
+                         pages_stored=store.page_count(), format_version=fmt.get("version"))
     bad: dict[bytes, tuple[str, str]] = {}  # page id -> (problem kind, what is wrong)
     deltas: dict[int, int] = {}  # checkpoint -> deltas above its full map (chain intact)
-    broken: dict[int, int] = {}  # checkpoint -> the checkpoint whose map breaks its chain
+    broken: dict[int, int] = {ckpt: ckpt for ckpt in unreadable}  # -> where its chain breaks
+    needed: list[np.ndarray] = []  # the page ids checkpoints name (unique in parts)
+    for why in store.truncated_tables():
+        report.problems.append(Problem(
+            "truncated_table", f"{why}: what it holds cannot be read, nor what older table "
+                               "files hold under the same keys, until `vmckpt check --repair` "
+                               "sets it aside"))
+    for ckpt, why in sorted(unreadable.items()):
+        report.problems.append(Problem("bad_record", f"checkpoint {ckpt}: its record {why}",
+                                       ckpt))
 
     def late() -> bool:
         if max_seconds is not None and time.monotonic() - t0 > max_seconds:
@@ -238,25 +271,64 @@ def check_store(store: PageStore, *, read_data: bool = False, max_seconds: float
                 rows.append(device)
         if rows:
             ids = np.concatenate(rows)
-            ids = ids[ids.any(axis=1)]  # zero frames name no page
-            for pid in np.unique(as_ids(ids[~store.has_pages(ids)])):
-                bad[pid.tobytes()] = ("missing_page", "is missing")
+            needed.append(np.unique(as_ids(ids[ids.any(axis=1)])))  # zero frames: no page
+        if len(needed) > 64:
+            needed = [np.unique(np.concatenate(needed))]
         report.maps_checked += 1
 
+    seen: set[bytes] = set()  # pages read and hashed by the scan of every stored page
     if read_data and report.complete:
         with tqdm(total=report.pages_stored, desc="pages", unit="page",
                   disable=not progress) as bar:
-            for batch in _batches(store.iter_pages(), BATCH):
-                if late():
-                    break
-                bad.update(_verify(batch, store.page_size))
-                report.pages_checked += len(batch)
-                bar.update(len(batch))
+            try:
+                for batch in _batches(store.iter_pages(), BATCH):
+                    if late():
+                        break
+                    bad.update(_verify(batch, store.page_size))
+                    seen.update(pid for pid, _ in batch)
+                    report.pages_checked += len(batch)
+                    bar.update(len(batch))
+            except Damaged as e:  # the pages a checkpoint needs are each read below
+                report.problems.append(Problem(
+                    "damaged_pages", f"the scan of the stored pages stopped at a bad block "
+                                     f"({e.what.split(' (', 1)[-1]}; the pages checkpoints need "
+                                     "were then read one by one"))
+    if report.complete and needed:
+        wanted = [pid.tobytes() for pid in np.unique(np.concatenate(needed))]
+        for lo in range(0, len(wanted), BATCH):
+            if late():
+                break
+            chunk = [pid for pid in wanted[lo:lo + BATCH] if pid not in seen and pid not in bad]
+            got = store.fetch_pages(chunk)
+            whole = []
+            for pid, page in zip(chunk, got, strict=True):
+                if page is None:
+                    bad[pid] = ("missing_page", "is missing")
+                elif isinstance(page, Damaged):
+                    bad[pid] = ("unreadable_page",
+                                damage_text(page).removeprefix(f"page {pid.hex()} "))
+                else:
+                    whole.append((pid, page))
+            if read_data:
+                bad.update(_verify(whole, store.page_size))
+                report.pages_checked += len(whole)
 
     if bad:
         _locate(store, records, bad, report)
+    known = sorted([*(r["id"] for r in records), *unreadable])
+    hit = {c for p in report.problems if p.kind not in HARMLESS
+           for c in (p.checkpoints or ([p.checkpoint] if p.checkpoint is not None else []))}
+    report.damaged = [c for c in known if c in hit]
+    report.intact = [c for c in known if c not in hit] if report.complete else []
     report.seconds = time.monotonic() - t0
     return report
+
+
+def plural(what: str) -> str:
+    """'is missing' -> 'are missing', 'holds data ...' -> 'hold data ...'."""
+    verb, _, rest = what.partition(" ")
+    verb = {"is": "are", "holds": "hold", "does": "do"}.get(verb, verb)
+    return f"{verb} {rest}"
 
 
 def _batches(items: Iterator[tuple[bytes, bytes]], n: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -310,6 +382,21 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
             for row in device:
                 if row.tobytes() in bad:
                     where[row.tobytes()].append((ckpt, None))
+    groups: dict[tuple[str, str], list[bytes]] = {}
+    for pid, problem in bad.items():
+        groups.setdefault(problem, []).append(pid)
+    for (kind, what), pids in groups.items():
+        if len(pids) <= MAX_LISTED:
+            continue
+        # One line for many pages gone the same way (a lost table file), not one each.
+        ckpts = sorted({c for pid in pids for c, _ in where[pid]})
+        report.problems.append(Problem(
+            kind, f"{len(pids)} pages {plural(what)}"
+                  + (f"; checkpoints that need them: {id_ranges(ckpts)}" if ckpts else
+                     "; no readable map names them"),
+            ckpts[0] if ckpts else None, checkpoints=ckpts))
+        for pid in pids:
+            del bad[pid]
     for pid, (kind, what) in bad.items():
         refs = where[pid]
         if not refs:
@@ -334,14 +421,23 @@ class Export:
 
 def export_checkpoint(store: PageStore, ckpt: int | str, out_dir: Path) -> Export:
     """Writes out_dir/ram.img (sparse) and out_dir/device-state.bin (if the checkpoint has
-    device state; an older one there is removed, so the directory never mixes two exports)."""
+    device state; an older one there is removed, so the directory never mixes two exports),
+    for their owner's eyes only: a directory it makes is 0700, the files 0600."""
     rec = store.get_record(ckpt)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir, narrow=False)
     ram = out_dir / "ram.img"
     stats = restore_image(store, rec["id"], ram)
     device = out_dir / "device-state.bin"
     if rec.get("device_state"):
-        device.write_bytes(get_blob(store, rec["device_state"]))
+        try:
+            state = get_blob(store, rec["device_state"])
+        except Damaged as e:
+            raise Damaged(e.store, f"checkpoint {rec['id']}: its device state cannot be read: "
+                          f"{e.what}", (rec["id"],)) from None
+        except MissingPage as e:
+            raise MissingPage(f"checkpoint {rec['id']}: its device state cannot be read: {e}"
+                              ) from None
+        write_private(device, state)
         return Export(rec, ram, stats, device)
     device.unlink(missing_ok=True)
     return Export(rec, ram, stats, None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from vmckpt.storage.errors import Damaged, MissingPage
 from vmckpt.storage.pagemap import MapDelta, PageMap
 
 
@@ -37,14 +38,34 @@ class PageStore(ABC):
     def has_pages(self, ids: np.ndarray) -> np.ndarray: ...
 
     @abstractmethod
-    def get_pages(self, ids: Sequence[bytes]) -> list[bytes]: ...
+    def get_pages(self, ids: Sequence[bytes]) -> list[bytes]:
+        """The pages, in order; MissingPage or Damaged (naming the page) if one cannot be
+        read."""
+
+    def fetch_pages(self, ids: Sequence[bytes]) -> list[bytes | None | Damaged]:
+        """Like get_pages, but a page that is missing is None and one that cannot be read is
+        its error, so that one bad page does not hide the others (vmckpt check)."""
+        out: list[bytes | None | Damaged] = []
+        for pid in ids:
+            try:
+                out.append(self.get_pages([pid])[0])
+            except MissingPage:
+                out.append(None)
+            except Damaged as e:
+                out.append(e)
+        return out
 
     @abstractmethod
     def commit_checkpoint(self, record: dict, delta: MapDelta) -> int:
         """Makes a checkpoint visible, atomically, after its pages; returns its id."""
 
     @abstractmethod
-    def list_checkpoints(self) -> list[dict]: ...
+    def list_checkpoints(self) -> list[dict]:
+        """Every record, in id order; Damaged (naming them) if some do not read back."""
+
+    def read_records(self) -> tuple[list[dict], dict[int, str]]:
+        """The records that read back, and why each other one does not, by id."""
+        return self.list_checkpoints(), {}
 
     @abstractmethod
     def get_record(self, ckpt: int | str) -> dict: ...
@@ -63,7 +84,8 @@ class PageStore(ABC):
 
     @abstractmethod
     def map_blob(self, ckpt: int) -> bytes | None:
-        """A checkpoint's map exactly as stored (MapDelta.encode), or None if it has none."""
+        """A checkpoint's map as the engine encoded it (MapDelta.encode), or None if it has
+        none; Damaged if it does not read back as it was written."""
 
     @abstractmethod
     def iter_pages(self) -> Iterator[tuple[bytes, bytes]]:
@@ -101,6 +123,16 @@ class PageStore(ABC):
         """After a StoreFull: whether the store takes writes again (a backend may reopen
         itself here). The engine asks before it tries another checkpoint."""
         return True
+
+    def truncated_tables(self) -> list[str]:
+        """Files of the store that are not the size they were written with, each said as a
+        reason ("table file ... is N bytes where ..."); none for a backend that cannot tell."""
+        return []
+
+    def discard_if_unused(self) -> None:
+        """Closes the store; if this open created it and no checkpoint was committed into it,
+        takes it away again (a run refused before it started)."""
+        self.close()
 
     def control_socket(self) -> Path | None:
         """Where an engine holding this store answers maintenance requests (None: nowhere)."""

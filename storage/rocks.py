@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -16,10 +19,14 @@ from rocksdict import (
     DBCompressionType,
     Options,
     Rdict,
+    ReadOptions,
     WriteBatch,
     WriteOptions,
 )
+from vmckpt.storage.envelope import BadEnvelope, seal, unseal
 from vmckpt.storage.errors import (
+    REPAIR_HINT,
+    Damaged,
     FormatMismatch,
     MissingPage,
     NotAStore,
@@ -27,11 +34,16 @@ from vmckpt.storage.errors import (
     StoreFull,
     StoreLocked,
     UnknownCheckpoint,
+    id_ranges,
 )
 from vmckpt.storage.interface import PageStore, PutResult, Sweep
 from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
+from vmckpt.storage.private import private_dir, private_files
 
-FORMAT = {"name": "vmckpt-store", "version": 1, "page_size": 4096, "hash": "sha256"}
+# v2: records and maps sealed with their length and CRC-32 (storage/envelope.py). v1 stores
+# are read and written as they are, and say in `vmckpt check` that they carry no checksum.
+FORMAT = {"name": "vmckpt-store", "version": 2, "page_size": 4096, "hash": "sha256"}
+READS = (1, 2)
 CFS = ("pages", "records", "maps")
 LAST_ID = b"last_id"  # the highest id ever given out, once a prune has dropped the newest
 OPEN_ATTEMPTS = 20  # read-only opens, while a writer compacts
@@ -43,6 +55,9 @@ IO_ERROR = "IO error"
 FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "Input/output error")
 PROBE = b"probe"  # a key deleted (never written) to learn whether RocksDB takes writes again
 REOPEN_FREE = 64 << 20  # free bytes on the store's filesystem before recover() reopens it
+MARKER = "VMCKPT-STORE"  # says "a vmckpt store" before RocksDB is asked anything
+REBUILD_HINT = "`vmckpt check --repair` rebuilds it from its table files"
+ID_KEY = 8  # bytes of a record's or map's key: records and maps are the families keyed so
 
 
 def control_socket(path: str | Path) -> Path:
@@ -51,13 +66,16 @@ def control_socket(path: str | Path) -> Path:
 
 
 def _key(ckpt: int) -> bytes:
-    return ckpt.to_bytes(8, "big")
+    return ckpt.to_bytes(ID_KEY, "big")
 
 
-def _options() -> Options:
+def _options(*, paranoid: bool = True) -> Options:
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
     opts.create_missing_column_families(True)
+    # Off only for readers: a damaged store still opens, so that what is intact can be read
+    # and `vmckpt check` can say what is not. Reads verify block checksums either way.
+    opts.set_paranoid_checks(paranoid)
     opts.set_write_buffer_size(128 << 20)
     opts.set_max_write_buffer_number(4)
     opts.increase_parallelism(2)
@@ -68,31 +86,111 @@ def _options() -> Options:
     return opts
 
 
+def rocks_reason(error: Exception) -> str:
+    """A RocksDB error as the end of a sentence ("is unreadable (...)"), without the paths and
+    numbers that only RocksDB's developers read."""
+    text = str(error).strip()
+    if m := re.search(r"block checksum mismatch.*?in \S*?([^/\s]+\.sst)", text):
+        return f"block checksum mismatch in table file {m[1]}"
+    if m := re.search(r"Sst file size mismatch: \S*?([^/\s]+\.sst)\. Expected (\d+), actual "
+                      r"size (\d+)", text):
+        return f"table file {m[1]} is {m[3]} bytes where the manifest says {m[2]} (truncated)"
+    if m := re.search(r"/([^/\s]+): No such file or directory", text):
+        return f"its file {m[1]} is missing"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_damage(error: Exception) -> bool:
+    text = str(error)
+    return text.startswith(("Corruption", "IO error")) or "checksum" in text
+
+
+def shadow_of(path: Path) -> Path:
+    """A private directory of links to the store's files, for RocksDB to open read-only: the
+    library (rocksdict) writes a config file into whatever directory it opens, and a reader
+    must never write into a store (it may not be allowed to, or it may not be a store)."""
+    shadow = Path(tempfile.mkdtemp(prefix="vmckpt-read-"))
+    for entry in os.scandir(path):
+        if entry.is_file() and entry.name not in ("rocksdict-config.json", "LOCK"):
+            os.symlink(entry.path, shadow / entry.name)
+    return shadow
+
+
+def looks_like_store(path: Path) -> bool:
+    """A vmckpt store by its files alone, RocksDB not asked: the marker, or (stores made
+    before it) RocksDB options that name the store's column families."""
+    if (path / MARKER).exists():
+        return True
+    for options in path.glob("OPTIONS-*"):
+        try:
+            text = options.read_text(errors="replace")
+        except OSError:
+            continue
+        if all(f'[CFOptions "{c}"]' in text for c in CFS):
+            return True
+    return False
+
+
+def identify(path: Path) -> None:
+    """Raises unless path (not empty) holds a vmckpt store; writes nothing, so that a foreign
+    directory, another program's RocksDB included, is refused as it was found."""
+    vmckpt = looks_like_store(path)
+    if not (path / "CURRENT").exists():
+        if vmckpt:
+            raise Damaged(path, "its file CURRENT is missing", hint=REBUILD_HINT)
+        raise NotAStore(f"{path} is not a vmckpt store (and not empty)")
+    try:
+        families = Rdict.list_cf(str(path), Options(raw_mode=True))
+    except Exception as e:
+        if vmckpt:
+            raise Damaged(path, rocks_reason(e), hint=REBUILD_HINT) from None
+        raise NotAStore(f"{path} is not a vmckpt store ({rocks_reason(e)})") from None
+    if not set(CFS) <= set(families):
+        raise NotAStore(f"{path} is a RocksDB database but not a vmckpt store")
+
+
 class RocksStore(PageStore):
     def __init__(self, path: str | Path, *, create: bool = False, readonly: bool = False,
                  full_every: int = 16) -> None:
         self.path = Path(path)
-        fresh = not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+        self.db = None
+        self._shadow: Path | None = None
+        self.cf: dict[str, Rdict] = {}
+        self.readonly = readonly
         if self.path.exists() and not self.path.is_dir():
             raise NotAStore(f"{self.path} is a file, not a vmckpt store")
+        fresh = not self.path.exists() or not any(self.path.iterdir())
         if fresh and (readonly or not create):
             raise NotAStore(f"no vmckpt store at {self.path}")
-        if not fresh and not (self.path / "CURRENT").exists():
-            raise NotAStore(f"{self.path} is not a vmckpt store (and not empty)")
-        self._connect(readonly)
-        meta = self.db.get(b"format")
+        # Made here (so discard_if_unused may take it away again): the directory, or only
+        # what is in it.
+        self.created: str | None = None
+        if fresh:
+            self.created = "dir" if private_dir(self.path) else "contents"
+        else:
+            identify(self.path)
+            if not readonly:
+                self._probe_format()  # before the first write: no vmckpt store, no write
+        self._connect(readonly, fresh)
+        meta = self._read(self.db, b"format", "its format record")
         if meta is None:
             if not fresh:
-                self.db.close()
+                self.close()
                 raise NotAStore(f"{self.path} is a RocksDB database but not a vmckpt store")
             self.db[b"format"] = msgpack.packb({**FORMAT, "full_every": full_every})
             meta = self.db.get(b"format")
         fmt = msgpack.unpackb(meta)
-        if fmt.get("name") != FORMAT["name"] or fmt.get("version") != FORMAT["version"]:
-            self.db.close()
+        if fmt.get("name") != FORMAT["name"] or fmt.get("version") not in READS:
+            self.close()
             raise FormatMismatch(f"{self.path} is a store of format {fmt.get('name')} "
-                                 f"v{fmt.get('version')}; this vmckpt reads v{FORMAT['version']}")
+                                 f"v{fmt.get('version')}; this vmckpt reads "
+                                 + " and ".join(f"v{v}" for v in READS))
+        self.version = int(fmt["version"])
         self.full_every = int(fmt["full_every"])
+        if not readonly:
+            (self.path / MARKER).write_text(f"{FORMAT['name']} v{self.version}\n")
+            os.chmod(self.path, 0o700)  # a store made before vmckpt made them private
+            private_files(self.path)
         self._lock = threading.Lock()  # the pages: puts (their dedup lookups), a sweep
         self._commits = threading.RLock()  # commits and edits of records and maps
         self._maintenance = threading.Lock()  # one prune or gc at a time
@@ -101,29 +199,147 @@ class RocksStore(PageStore):
         self._uncommitted: set[bytes] = set()
         self._young: set[bytes] | None = None
         self._last = self._newest()
-        self._high = max(self._last, int.from_bytes(self.db.get(LAST_ID) or b"", "big"))
+        last_id = self._read(self.db, LAST_ID, "its highest checkpoint id") or b""
+        self._high = max(self._last, int.from_bytes(last_id, "big"))
+        if not readonly and self.damaged_records():
+            # Ids and parents come from the records: a writer must not guess them.
+            self.close()
+            raise Damaged(self.path, "the records of its newest checkpoints cannot be read")
         self._sync = WriteOptions()
         self._sync.sync = True
         self._nowal = WriteOptions()
         self._nowal.disable_wal = True
 
-    def _open(self, readonly: bool) -> Rdict:
+    def _probe_format(self) -> None:
+        """A read-only look at the format record, so that a RocksDB of another program is
+        refused before it is opened for writing (which adds families, rotates its LOG)."""
+        probe, shadow = self._open(True)
+        try:
+            meta = probe.get(b"format")
+        except Exception:
+            meta = b""  # damaged: the read-write open says how
+        finally:
+            probe.close()
+            shutil.rmtree(shadow, ignore_errors=True)
+        if meta is None:
+            raise NotAStore(f"{self.path} is a RocksDB database but not a vmckpt store")
+
+    def _open(self, readonly: bool, fresh: bool = False) -> tuple[Rdict, Path | None]:
+        """The database, and for a read-only open the shadow directory it was opened through
+        (see shadow_of)."""
         access = AccessType.read_only() if readonly else AccessType.read_write()
         attempts = OPEN_ATTEMPTS if readonly else 1
         while True:
+            opts = _options(paranoid=not readonly)
+            if not fresh:
+                opts.create_if_missing(False)
+            shadow = shadow_of(self.path) if readonly else None
             try:
-                return Rdict(str(self.path), _options(),
-                             column_families={c: _options() for c in CFS}, access_type=access)
+                return Rdict(str(shadow or self.path), opts,
+                             column_families={c: _options(paranoid=not readonly) for c in CFS},
+                             access_type=access), shadow
             except Exception as e:
-                text = str(e)
+                if shadow is not None:
+                    shutil.rmtree(shadow, ignore_errors=True)
+                text = str(e).replace(str(shadow), str(self.path)) if shadow else str(e)
                 if "lock" in text.lower():
                     raise StoreLocked(f"store {self.path} is locked by another process "
                                       "(a running engine?)") from None
                 # A reader races the writer's compactions (gc runs one): a table file the
                 # manifest it read names may be gone by the time it opens it. Read again.
                 attempts -= 1
-                if "No such file" not in text or not attempts:
-                    raise StoreError(f"cannot open store {self.path}: {text}") from None
+                if "No such file" in text and attempts:
+                    continue
+                if is_damage(e):
+                    raise Damaged(self.path, rocks_reason(Exception(text))) from None
+                raise StoreError(f"cannot open store {self.path}: {text}") from None
+
+    # Every read of the store goes through these: damage becomes Damaged, in one line.
+
+    def _read(self, cf: Rdict, key: bytes, what: str, ckpt: int | None = None) -> bytes | None:
+        try:
+            return cf.get(key)
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            raise Damaged(self.path, f"{what} is unreadable ({rocks_reason(e)})",
+                          () if ckpt is None else (ckpt,)) from None
+
+    def _unseal(self, blob: bytes, what: str, ckpt: int) -> bytes:
+        if self.version < 2:
+            return blob
+        try:
+            return unseal(blob)
+        except BadEnvelope as e:
+            raise Damaged(self.path, f"{what} {e}", (ckpt,)) from None
+
+    def _seal(self, payload: bytes) -> bytes:
+        return seal(payload) if self.version >= 2 else payload
+
+    def _ids(self, family: str) -> Iterator[tuple[int, bytes | Exception]]:
+        """Every (id, value) of the records or maps, in id order; where a table cannot be
+        read, (id, the error) for each id it may hold. RocksDB's own iteration just ends at a
+        bad block (which once hid every later checkpoint): past one, each id up to the
+        highest any table or the default family knows is asked for on its own."""
+        cf = self.cf[family]
+        it = cf.iter()
+        it.seek_to_first()
+        last, probed = 0, False
+        while True:
+            while it.valid():
+                last = int.from_bytes(it.key(), "big")
+                yield last, it.value()
+                it.next()
+            try:
+                it.status()
+                return
+            except Exception as e:
+                if not is_damage(e) and not probed:
+                    raise
+            if probed:  # past every id a table knows, and still unreadable: nothing more
+                return
+            top = max(last, self._top_id())
+            for ckpt in range(last + 1, top + 1):
+                try:
+                    value = cf.get(_key(ckpt))
+                except Exception as e:
+                    if not is_damage(e):
+                        raise
+                    yield ckpt, e
+                    continue
+                if value is not None:
+                    yield ckpt, value
+            it = cf.iter()
+            it.seek(_key(top + 1))  # what only the memtable holds
+            last, probed = top, True
+
+    def _top_id(self, *, family_only: bool = False) -> int:
+        """The highest checkpoint id the table files' key ranges (those of records and maps)
+        and, unless family_only, the highest id given out know."""
+        top = max((int.from_bytes(f["end_key"], "big") for f in self.db.live_files()
+                   if len(f["end_key"]) == ID_KEY), default=0)
+        if family_only:
+            return top
+        try:
+            top = max(top, int.from_bytes(self.db.get(LAST_ID) or b"", "big"))
+        except Exception as e:
+            if not is_damage(e):
+                raise
+        return top
+
+    def _newest(self) -> int:
+        """The newest checkpoint's id: the last record, unless a table file knows a higher id
+        than it (the newest records unreadable): then every id is asked for."""
+        it = self.cf["records"].iter()
+        it.seek_to_last()
+        if it.valid() and int.from_bytes(it.key(), "big") >= self._top_id(family_only=True):
+            return int.from_bytes(it.key(), "big")
+        try:
+            it.status()
+        except Exception as e:
+            if not is_damage(e):
+                raise
+        return max((ckpt for ckpt, _ in self._ids("records")), default=0)
 
     def put_pages(self, ids: np.ndarray, pages: np.ndarray) -> PutResult:
         raw_ids = np.ascontiguousarray(ids).tobytes()
@@ -207,8 +423,11 @@ class RocksStore(PageStore):
                 return False  # still closed: writes say StoreFull, the next recover() retries
             return self._takes_writes()
 
-    def _connect(self, readonly: bool) -> None:
-        self.db = self._open(readonly)
+    def _connect(self, readonly: bool, fresh: bool = False) -> None:
+        self.db, self._shadow = self._open(readonly, fresh)
+        reads = ReadOptions()
+        reads.set_verify_checksums(True)  # RocksDB's default, stated: every block read is checked
+        self.db.set_read_options(reads)
         self.cf = {c: self.db.get_column_family(c) for c in CFS}
         self.cfh = {c: self.db.get_column_family_handle(c) for c in CFS}
 
@@ -223,46 +442,131 @@ class RocksStore(PageStore):
             self.db.close()
         self.db = None
 
-    def _newest(self) -> int:
-        return max((int.from_bytes(k, "big") for k in self.cf["records"].keys()),  # noqa: SIM118
-                   default=0)
-
     def has_pages(self, ids: np.ndarray) -> np.ndarray:
         raw = np.ascontiguousarray(ids).tobytes()
         pids = [raw[i:i + ID_BYTES] for i in range(0, len(raw), ID_BYTES)]
         return np.array([page is not None for page in self._lookup(pids)], bool)
 
     def get_pages(self, ids: Sequence[bytes]) -> list[bytes]:
-        got = self.cf["pages"].get(list(ids))
+        try:
+            got = self.cf["pages"].get(list(ids))
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            # One bad block fails the whole multi-get: find the page it holds.
+            got = [self._read(self.cf["pages"], pid, f"page {pid.hex()}") for pid in ids]
         for pid, page in zip(ids, got, strict=True):
             if page is None:
                 raise MissingPage(f"page {pid.hex()} is missing from {self.path}")
         return got
+
+    def fetch_pages(self, ids: Sequence[bytes]) -> list[bytes | None | Damaged]:
+        try:
+            return self.cf["pages"].get(list(ids))
+        except Exception as e:
+            if not is_damage(e):
+                raise
+        out: list[bytes | None | Damaged] = []
+        for pid in ids:
+            try:
+                out.append(self._read(self.cf["pages"], pid, f"page {pid.hex()}"))
+            except Damaged as e:
+                out.append(e)
+        return out
 
     def _resolve(self, ckpt: int | str) -> int:
         if ckpt == "latest":
             if not self._last:
                 raise UnknownCheckpoint(f"store {self.path} holds no checkpoint")
             return self._last
-        if not isinstance(ckpt, int) or self.cf["records"].get(_key(ckpt)) is None:
+        if not isinstance(ckpt, int) or self._record_blob(ckpt) is None:
             raise UnknownCheckpoint(f"no checkpoint {ckpt} in {self.path}")
         return ckpt
 
+    def _record_blob(self, ckpt: int) -> bytes | None:
+        return self._read(self.cf["records"], _key(ckpt), f"the record of checkpoint {ckpt}",
+                          ckpt)
+
+    def _record(self, ckpt: int, blob: bytes) -> dict:
+        payload = self._unseal(blob, f"the record of checkpoint {ckpt}", ckpt)
+        try:
+            rec = msgpack.unpackb(payload)
+            if not isinstance(rec, dict) or rec.get("id") != ckpt:
+                raise ValueError("it names another checkpoint")
+        except ValueError as e:
+            raise Damaged(self.path, f"the record of checkpoint {ckpt} cannot be decoded ({e})",
+                          (ckpt,)) from None
+        return rec
+
     def get_record(self, ckpt: int | str) -> dict:
-        return msgpack.unpackb(self.cf["records"][_key(self._resolve(ckpt))])
+        ckpt = self._resolve(ckpt)
+        return self._record(ckpt, self._record_blob(ckpt))
+
+    def read_records(self) -> tuple[list[dict], dict[int, str]]:
+        """Every record that reads back whole, and what is wrong with each other one, by id
+        ("is unreadable (...)"). An id whose record is unreadable but whose map reads back
+        absent was pruned."""
+        good, bad = [], {}
+        for ckpt, value in self._ids("records"):
+            if isinstance(value, Exception):
+                try:
+                    if self.cf["maps"].get(_key(ckpt)) is None:
+                        continue
+                except Exception:  # noqa: S110 (then both are unreadable: damaged)
+                    pass
+                bad[ckpt] = f"is unreadable ({rocks_reason(value)})"
+                continue
+            try:
+                good.append(self._record(ckpt, value))
+            except Damaged as e:
+                bad[ckpt] = str(e).split(f"the record of checkpoint {ckpt} ", 1)[1].rsplit(
+                    f"; {REPAIR_HINT}", 1)[0]
+        return good, bad
+
+    def damaged_records(self) -> dict[int, str]:
+        """The ids above the newest readable record whose records do not read back (cheap:
+        only the end of the records is read)."""
+        if not self._last:
+            return {}
+        try:
+            self.get_record(self._last)
+            return {}
+        except Damaged:
+            return self.read_records()[1]
 
     def list_checkpoints(self) -> list[dict]:
-        return [msgpack.unpackb(v) for v in self.cf["records"].values()]
+        records, bad = self.read_records()
+        if bad:
+            ckpts = sorted(bad)
+            why = bad[ckpts[0]]
+            which = (f"the record of checkpoint {ckpts[0]} {why}" if len(ckpts) == 1 else
+                     f"the records of checkpoints {id_ranges(ckpts)} "
+                     + why.replace("is ", "are ", 1).replace("does ", "do ", 1))
+            raise Damaged(self.path, which, tuple(ckpts))
+        return records
 
     def read_map(self, ckpt: int | str) -> PageMap:
+        rec = top = self.get_record(ckpt)
         chain: list[MapDelta] = []
-        rec = self.get_record(ckpt)
-        while True:
-            kind, delta = MapDelta.decode(self.cf["maps"][_key(rec["id"])])
-            chain.append(delta)
-            if kind == "full":
-                break
-            rec = self.get_record(rec["parent"])
+        try:
+            while True:
+                try:
+                    kind, delta = MapDelta.decode(self.map_blob(rec["id"], must=True))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise Damaged(self.path, f"the map of checkpoint {rec['id']} cannot be "
+                                  f"decoded ({e})", (rec["id"],)) from None
+                chain.append(delta)
+                if kind == "full":
+                    break
+                rec = self.get_record(rec["parent"])
+        except Damaged as e:
+            if not chain:  # its own map
+                raise
+            # Further down the chain: say which checkpoint this restore needed it for.
+            where = e.checkpoints[0] if e.checkpoints else rec["id"]
+            raise Damaged(self.path, f"checkpoint {top['id']} cannot be restored: its map "
+                          f"chain goes through checkpoint {where}, and {e.what}",
+                          (top["id"], *e.checkpoints)) from None
         pmap = PageMap.empty(rec["ram_size"] // self.page_size)
         for delta in reversed(chain):
             pmap.apply(delta)
@@ -287,8 +591,8 @@ class RocksStore(PageStore):
                 record = {**record, "id": ckpt,
                           "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
                 batch = WriteBatch(raw_mode=True)
-                batch.put(_key(ckpt), blob, self.cfh["maps"])
-                batch.put(_key(ckpt), msgpack.packb(record), self.cfh["records"])
+                batch.put(_key(ckpt), self._seal(blob), self.cfh["maps"])
+                batch.put(_key(ckpt), self._seal(msgpack.packb(record)), self.cfh["records"])
                 self.db.write(batch, self._sync)  # the one atomic write that makes it visible
                 self._last = self._high = ckpt
                 self._uncommitted.clear()  # a record names them now
@@ -306,9 +610,9 @@ class RocksStore(PageStore):
             batch.delete(_key(ckpt), self.cfh["records"])
             batch.delete(_key(ckpt), self.cfh["maps"])
         for rec in records:
-            batch.put(_key(rec["id"]), msgpack.packb(rec), self.cfh["records"])
+            batch.put(_key(rec["id"]), self._seal(msgpack.packb(rec)), self.cfh["records"])
         for ckpt, blob in maps.items():
-            batch.put(_key(ckpt), blob, self.cfh["maps"])
+            batch.put(_key(ckpt), self._seal(blob), self.cfh["maps"])
         with self._commits, self._writing():
             # Ids stay unique: if the newest goes, the highest id given out is kept.
             batch.put(LAST_ID, self._high.to_bytes(8, "big"))
@@ -356,15 +660,76 @@ class RocksStore(PageStore):
     def close(self) -> None:
         if self.db is not None:
             self._disconnect()
+            if self._shadow is not None:
+                shutil.rmtree(self._shadow, ignore_errors=True)
+            if not self.readonly:
+                private_files(self.path)  # the files RocksDB made while it was open
+
+    def flush(self) -> None:
+        """Everything written so far into table files (pages are written without a WAL)."""
+        for cf in self.cf.values():
+            cf.flush()
+        self.db.flush()
+
+    def reserve_ids(self, high: int) -> None:
+        """Ids up to high are never given out (a repaired store keeps its ids unique)."""
+        self._high = max(self._high, high)
+
+    def truncated_tables(self) -> list[str]:
+        """Table files shorter (or longer) than the manifest says, each said as a reason."""
+        out = []
+        for f in self.db.live_files():
+            path = self.path / f["name"].lstrip("/")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                out.append(f"table file {path.name} is missing")
+                continue
+            if size != f["size"]:
+                out.append(f"table file {path.name} is {size} bytes where the manifest says "
+                           f"{f['size']} (truncated)")
+        return out
+
+    def discard_if_unused(self) -> None:
+        """Closes the store, and if this open created it and no checkpoint was committed,
+        takes it away again: a run refused before it started leaves nothing behind."""
+        unused = self.created and not self._high and self.db is not None
+        self.close()
+        if not unused:
+            return
+        if self.created == "dir":
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for entry in self.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def format_info(self) -> dict:
         return msgpack.unpackb(self.db[b"format"])
 
-    def map_blob(self, ckpt: int) -> bytes | None:
-        return self.cf["maps"].get(_key(ckpt))
+    def map_blob(self, ckpt: int, *, must: bool = False) -> bytes | None:
+        blob = self._read(self.cf["maps"], _key(ckpt), f"the map of checkpoint {ckpt}", ckpt)
+        if blob is None:
+            if must:
+                raise Damaged(self.path, f"checkpoint {ckpt} has no map", (ckpt,))
+            return None
+        return self._unseal(blob, f"the map of checkpoint {ckpt}", ckpt)
 
     def iter_pages(self) -> Iterator[tuple[bytes, bytes]]:
-        return self.cf["pages"].items()
+        it = self.cf["pages"].iter()
+        it.seek_to_first()
+        while it.valid():
+            yield it.key(), it.value()
+            it.next()
+        try:
+            it.status()  # RocksDB's iteration ends at a bad block as if at the end
+        except Exception as e:
+            if not is_damage(e):
+                raise
+            raise Damaged(self.path, f"its stored pages cannot all be read "
+                                     f"({rocks_reason(e)})") from None
 
     def page_count(self) -> int:
         # Pages are only ever added once each (dedup), and gc compacts away what it deletes,

@@ -26,6 +26,7 @@ from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.synthguest import POPULAR, popular_page
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import MapDelta, open_store
+from vmckpt.storage.envelope import HEADER
 
 VMCKPT = [str(Path(sys.executable).with_name("vmckpt"))]
 PAGE = 4096
@@ -352,8 +353,10 @@ def test_check_finds_a_truncated_map(copy):
     assert text.returncode == 1
     got = [(p["kind"], p["checkpoint"]) for p in report["problems"]]
     assert got == [("bad_map", 3), *(("broken_chain", c) for c in range(4, CHECKPOINTS + 1))]
-    assert f"checkpoint 3: its map is {size // 2} bytes where its record says {size}" \
-        in text.stdout
+    # Its envelope (length and CRC-32, format v2) tells first.
+    sealed = HEADER.size
+    assert f"checkpoint 3: its map is {size // 2 - sealed} bytes where its header says " \
+           f"{size - sealed} (truncated or overwritten)" in text.stdout
     assert "checkpoint 5 cannot be restored: its map chain breaks at checkpoint 3" in text.stdout
     # The other commands say it in one line and point at check.
     assert_one_line_error(vmckpt("show", "--store", str(copy), "4"), "vmckpt check")
