@@ -5,7 +5,6 @@ docs/json-schema.md."""
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 import time
@@ -19,8 +18,9 @@ from typing import Any
 
 import click
 import numpy as np
-from vmckpt.cli.main import _ckpt, _duration, _fail, main, store_option
+from vmckpt.cli.main import _ckpt, _fail, main, store_option
 from vmckpt.engine.qemu.argv import QemuArgsError, for_restore
+from vmckpt.engine.units import parse_duration
 from vmckpt.storage import PageMap, PageStore, StoreError, open_store
 from vmckpt.storage.inspect import (
     Export,
@@ -131,8 +131,10 @@ def table(rows: list[list[str]], left: int = 0) -> None:
 
 def age(text: str) -> float | None:
     """An age like 90s, 10m, 2h, 3d in seconds; None if text is not one."""
-    ago = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    return float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[2]] if ago else None
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return None
 
 
 def since_time(text: str) -> float:
@@ -448,7 +450,7 @@ def check(store_path: Path, read_data: bool, max_duration: str | None, as_json: 
     sound; 1: problems (each listed, by checkpoint and page); 3: stopped by --max-duration
     before the end, no problem so far; 2: the check could not run."""
     try:
-        seconds = _duration(max_duration) if max_duration is not None else None
+        seconds = parse_duration(max_duration) if max_duration is not None else None
     except ValueError:
         _fail(f"--max-duration takes a duration (30s, 5m), not {max_duration!r}")
     with reading(store_path) as store:
