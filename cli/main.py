@@ -133,7 +133,7 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
                                                 checkpointing), err=True)
     except ENGINE_ERRORS as e:
         _fail(str(e))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, PermissionError) as e:  # of the program
         _fail(f"cannot start {what}: {e.strerror}")
     sys.exit(status if status >= 0 else 128 - status)
 
