@@ -34,12 +34,30 @@ store_option = click.option(
     help="Checkpoint store directory (default: $VMCKPT_STORE, then ./vmckpt-store).")
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 2) -> NoReturn:
     click.echo(f"vmckpt: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Usage errors said like every other refusal: one line, "vmckpt: ...", exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kw)
+        try:
+            status = super().main(*args, standalone_mode=False, **kw)
+        except click.exceptions.Abort:  # Ctrl-C outside the engine
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            _fail(e.format_message() + hint, e.exit_code)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.option("-v", "--verbose", is_flag=True, help="Say more.")
 def main(verbose: bool) -> None:
     """Continuous copy-on-write checkpoints of running VMs (and any program's shared RAM)."""

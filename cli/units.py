@@ -68,16 +68,18 @@ class Duration(click.ParamType):
 
 
 def parse_checkpoint(text: str) -> int | str:
-    """A checkpoint id (0 to 2**64-1) or 'latest'; ValueError saying so otherwise."""
+    """A checkpoint id (a whole number, not negative) or 'latest'; ValueError otherwise."""
     if text == "latest":
         return text
-    if text.isascii() and text.isdigit() and int(text) <= MAX_ID:
+    if text.isascii() and text.isdigit():
         return int(text)
-    raise ValueError(f"a checkpoint is an id (a whole number from 0 to {MAX_ID}) or 'latest', "
+    raise ValueError(f"a checkpoint is a number or 'latest' (ids are 0 to {MAX_ID}), "
                      f"not {shown(text)}")
 
 
 class CheckpointId(click.ParamType):
+    """A checkpoint id a store can hold (keys are 64-bit), or 'latest'."""
+
     name = "ckpt"
 
     def convert(self, value: Any, param: click.Parameter | None,
@@ -85,6 +87,10 @@ class CheckpointId(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return parse_checkpoint(value)
+            which = parse_checkpoint(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+        if isinstance(which, int) and which > MAX_ID:
+            self.fail(f"no checkpoint {shown(value)} can exist: ids are 0 to {MAX_ID}",
+                      param, ctx)
+        return which

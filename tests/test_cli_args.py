@@ -61,15 +61,15 @@ BAD = [
     ([*RUN, "--attach-timeout", "0"], "'--attach-timeout': '0' is out of range"),
     ([*RUN, "--copiers", "0"], "'--copiers': 0 is not in the range"),
     ([*RUN, "--max-checkpoints", "0"], "'--max-checkpoints': 0 is not in the range"),
-    (["restore", "--", "-5"], "'CKPT': a checkpoint is an id (a whole number from 0 to"),
-    (["restore", str(1 << 64)], "'CKPT': a checkpoint is an id"),
-    (["restore", "9" * 40], "'CKPT': a checkpoint is an id"),
-    (["restore", "1x"], "'CKPT': a checkpoint is an id"),
+    (["restore", "--", "-5"], "'CKPT': a checkpoint is a number or 'latest' (ids are 0 to"),
+    (["restore", str(1 << 64)], f"'CKPT': no checkpoint '{1 << 64}' can exist: ids are 0 to"),
+    (["restore", "9" * 40], "'CKPT': no checkpoint '9999"),
+    (["restore", "1x"], "'CKPT': a checkpoint is a number or 'latest'"),
     (["restore", "--workers", "0", "1"], "'--workers': 0 is not in the range"),
     (["restore", "--image", "/missing/x", "1"],
      "cannot write the RAM image /missing/x: No such file or directory"),
-    (["show", "--", "-5"], "a checkpoint is an id"),
-    (["show", str(1 << 64)], "a checkpoint is an id"),
+    (["show", "--", "-5"], "a checkpoint is a number or 'latest'"),
+    (["show", str(1 << 64)], f"no checkpoint {1 << 64} in"),
     (["check", "--max-duration", "1x"], "--max-duration takes a duration"),
 ]
 
@@ -80,9 +80,8 @@ def test_bad_argument_is_one_line_and_exit_2(store, args, said):
     r = vmckpt(args[0], "--store", str(store), *args[1:], *guest)
     assert "Traceback" not in r.stderr, r.stderr
     assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith(("Error:", "vmckpt:"))]
-    assert len(errors) == 1, r.stderr
-    assert said in errors[0], errors[0]
+    assert r.stderr.startswith("vmckpt: ") and r.stderr.count("\n") == 1, r.stderr
+    assert said in r.stderr, r.stderr
 
 
 def test_the_grammar_of_sizes_and_durations():
