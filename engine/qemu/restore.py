@@ -116,7 +116,31 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
         raise RestoreError(f"checkpoint {rec['id']} holds no QEMU device state (it was taken "
                            f"from a {rec['target']['kind']}): restore its RAM with --image")
     device = get_blob(store, rec["device_state"])
-    qemu_argv = for_restore(argv, "IMAGE", rec["ram_size"])  # refuses a wrong size up front
+    for_restore(argv, "IMAGE", rec["ram_size"])  # refuses a wrong size before any work
+    # Until the guest runs, SIGTERM stops the restore like Ctrl-C does (asyncio cancels the
+    # task at its next await): the cleanup below runs, where SIGTERM's default would leave
+    # the image and QEMU behind.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task
+    terminated: list[bool] = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: (terminated.append(True), task.cancel()))
+    try:
+        return await _restore(store, rec, device, argv, paused, checkpoint, image_dir,
+                              attach_timeout, on_loaded, how)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        raise RestoreError(f"the restore of checkpoint {rec['id']} was stopped by SIGTERM "
+                           "before the guest ran") from None
+    finally:  # ours, if the guest never ran (else already replaced and removed)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[str],
+                   paused: bool, checkpoint: EngineOptions | None, image_dir: str,
+                   attach_timeout: float, on_loaded: Callable[[Path], None] | None,
+                   how: dict[str, Any]) -> int:
     image = _write_image(store, rec["id"], image_dir)
     tail = StderrTail()
     proc: asyncio.subprocess.Process | None = None
