@@ -63,6 +63,8 @@ def main(verbose: bool) -> None:
     """Continuous copy-on-write checkpoints of running VMs (and any program's shared RAM)."""
     logging.basicConfig(level=logging.WARNING, format="vmckpt: %(message)s")
     logging.getLogger("vmckpt").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # qemu.qmp logs a lost connection itself; vmckpt says what it means (QEMU exited, ...).
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def engine_options(f: Callable) -> Callable:

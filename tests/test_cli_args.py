@@ -166,3 +166,38 @@ def test_without_userfaultfd_permission_the_cause_and_fix_are_said():
         "vmckpt: userfaultfd is not permitted for this user (uid 65534) "
         "(vm.unprivileged_userfaultfd is 0): run vmckpt as root, or allow it with sysctl "
         "vm.unprivileged_userfaultfd=1"], r.stderr
+
+
+@pytest.mark.parametrize("moment", ["vmckpt: pausing", "vmckpt: checkpoint"])
+def test_qemu_killed_by_sigkill_is_said_with_the_last_checkpoint(tmp_path, moment):
+    """Killed inside a pause too (its QMP connection breaks a moment before it is a zombie)."""
+    from vmckpt.engine.qemu.testguest import qemu_argv
+
+    store, pidfile = tmp_path / "store", tmp_path / "qemu.pid"
+    proc = subprocess.Popen(
+        [VMCKPT, "-v", "run", "--store", str(store), "--interval", "0.2s", "--",
+         *qemu_argv(mem="128M", serial="none"), "-pidfile", str(pidfile)],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr
+        lines = []
+        for line in proc.stderr:  # the third such moment after checkpoint 2
+            lines.append(line)
+            if sum(line.startswith(moment) for line in lines[-1:]) and any(
+                    line.startswith("vmckpt: checkpoint 2:") for line in lines) and sum(
+                    line.startswith(moment) for line in lines) >= 5:
+                break
+        else:
+            pytest.fail("".join(lines))
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        rest = proc.stderr.read()
+        assert proc.wait(60) == 128 + signal.SIGKILL, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in rest and "Connection reset" not in rest, rest
+    last = max(c["id"] for c in json.loads(vmckpt("ls", "--store", str(store), "--json").stdout))
+    assert rest.strip().splitlines()[-1] == (
+        "vmckpt: qemu-system-x86_64 was killed by signal 9 (SIGKILL); the last committed "
+        f"checkpoint is {last}"), rest
