@@ -8,8 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-from vmckpt.cli.main import _duration, _fail, main, store_option
+from vmckpt.cli.main import _fail, main, store_option
 from vmckpt.cli.text import emit_json, json_option, store_errors
+from vmckpt.engine.units import parse_duration
 from vmckpt.storage import Damaged, open_store
 from vmckpt.storage.errors import id_ranges
 from vmckpt.storage.inspect import CheckReport, Problem, check_store, damage_text
@@ -47,7 +48,7 @@ def check(store_path: Path, read_data: bool, max_duration: str | None, repair: b
         repair_store_cmd(store_path, dry_run=dry_run, as_json=as_json)
         return
     try:
-        seconds = _duration(max_duration) if max_duration is not None else None
+        seconds = parse_duration(max_duration) if max_duration is not None else None
     except ValueError:
         _fail(f"--max-duration takes a duration (30s, 5m), not {max_duration!r}")
     with store_errors(store_path):

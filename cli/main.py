@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, NoReturn
 
 import click
 import uvloop
+from vmckpt.cli.units import CheckpointId, Duration, Size, parse_checkpoint, physical_ram
 from vmckpt.engine.cycle import ON_FULL, EngineOptions
 from vmckpt.engine.handoff import preload_path
 from vmckpt.engine.qemu.argv import QemuArgsError
@@ -20,23 +22,10 @@ from vmckpt.engine.qemu.restore import RestoreError, restore_qemu
 from vmckpt.engine.session import AttachError, run_program
 from vmckpt.engine.session import serve as serve_qemu
 from vmckpt.engine.tracker import TrackerError
+from vmckpt.engine.uffd_access import userfaultfd_problem
 from vmckpt.storage import PageStore, StoreError, open_store, restore_image
 
 DEFAULT_STORE = "vmckpt-store"
-
-
-def _duration(text: str) -> float:
-    text = text.strip()
-    for suffix, scale in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
-        if text.endswith(suffix):
-            return float(text[: -len(suffix)]) * scale
-    return float(text)
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
 
 
 store_option = click.option(
@@ -45,39 +34,64 @@ store_option = click.option(
     help="Checkpoint store directory (default: $VMCKPT_STORE, then ./vmckpt-store).")
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 2) -> NoReturn:
     click.echo(f"vmckpt: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Usage errors said like every other refusal: one line, "vmckpt: ...", exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kw)
+        try:
+            status = super().main(*args, standalone_mode=False, **kw)
+        except click.exceptions.Abort:  # Ctrl-C outside the engine
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx else ""
+            _fail(e.format_message() + hint, e.exit_code)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.option("-v", "--verbose", is_flag=True, help="Say more.")
 def main(verbose: bool) -> None:
     """Continuous copy-on-write checkpoints of running VMs (and any program's shared RAM)."""
     logging.basicConfig(level=logging.WARNING, format="vmckpt: %(message)s")
     logging.getLogger("vmckpt").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # qemu.qmp logs a lost connection itself; vmckpt says what it means (QEMU exited, ...).
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 def engine_options(f: Callable) -> Callable:
     """The options of every command that runs the engine, passed on as one EngineOptions."""
 
     @functools.wraps(f)
-    def wrapper(interval: str, copiers: int | None, buffer_size: str, tracking: str,
-                pre_arm: str, priority: bool, on_full: str, **kw: Any) -> Any:
-        lead = None if pre_arm == "auto" else _duration(pre_arm)
+    def wrapper(interval: float, copiers: int | None, buffer_size: int, tracking: str,
+                pre_arm: float | str, priority: bool, on_full: str, **kw: Any) -> Any:
+        lead = None if pre_arm == "auto" else float(pre_arm)
         if tracking == "hybrid" and lead:
             raise click.UsageError("--pre-arm does not combine with --tracking hybrid")
-        options = EngineOptions(interval=_duration(interval),
-                                copiers=copiers or os.cpu_count() or 1,
-                                buffer_bytes=_size(buffer_size), tracking=tracking,
+        if lead and lead >= interval:
+            raise click.UsageError(f"--pre-arm ({lead:g} s) must be shorter than --interval "
+                                   f"({interval:g} s)")
+        options = EngineOptions(interval=interval, copiers=copiers or os.cpu_count() or 1,
+                                buffer_bytes=buffer_size, tracking=tracking,
                                 pre_arm=lead, priority=priority, on_full=on_full)
         return f(options=options, **kw)
 
     for opt in reversed([
-        click.option("--interval", default="1s", show_default=True,
-                     help="Time between checkpoints."),
-        click.option("--copiers", type=int, default=None, help="Copier threads (default: cores)."),
+        click.option("--interval", type=Duration(0, 86400, positive=True), default="1s",
+                     show_default=True, help="Time between checkpoints (more than 0, up to 1d)."),
+        click.option("--copiers", type=click.IntRange(1, 1024), default=None,
+                     help="Copier threads (default: cores)."),
         click.option("--buffer", "buffer_size", default="64M", show_default=True,
+                     type=Size(1 << 20, lambda: physical_ram() // 2,
+                               " (the top is half this machine's RAM)"),
                      help="Bound on copied pages waiting for the store."),
         click.option("--tracking", type=click.Choice(["wp", "async", "hybrid"]), default="wp",
                      show_default=True,
@@ -85,14 +99,16 @@ def engine_options(f: Callable) -> Callable:
                           "writes (WP_ASYNC), the pause copies the written pages; hybrid: "
                           "async between checkpoints, wp while one drains (a second short "
                           "pause after each drain switches back)."),
-        click.option("--pre-arm", default="auto", show_default=True,
+        click.option("--pre-arm", type=Duration(0, 3600, words=("auto",)), default="auto",
+                     show_default=True,
                      help="Do each checkpoint's dirty-set work this long before its pause, "
                           "so the pause handles only pages written since (e.g. 200ms; 0: "
                           "off; auto: 100ms, or a quarter of a shorter interval, off with "
                           "hybrid)."),
         click.option("--priority/--no-priority", default=True, show_default=True,
                      help="Copiers first take the pages after one the guest just wrote (wp)."),
-        click.option("--max-checkpoints", type=int, default=None, help="Stop after this many."),
+        click.option("--max-checkpoints", type=click.IntRange(1), default=None,
+                     help="Stop after this many."),
         click.option("--on-full", type=click.Choice(ON_FULL), default="wait", show_default=True,
                      help="When the store cannot take more (disk full, quota, I/O error) the "
                           "VM runs on: wait (drop checkpoints until it takes writes again) or "
@@ -105,19 +121,47 @@ def engine_options(f: Callable) -> Callable:
 ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError)
 
 
+def _last_committed(store: PageStore) -> int | None:
+    try:
+        return store.get_record("latest")["id"]
+    except StoreError:
+        return None
+
+
+def _killed(what: str, signum: int, before: int | None, after: int | None,
+            checkpointing: bool) -> str:
+    """What to tell the user when the program (the VM) ended by a signal."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "unknown"
+    text = f"{Path(what).name} was killed by signal {signum} ({name})"
+    if not checkpointing:
+        return text
+    if after is None or after == before:
+        return f"{text}; no checkpoint was committed in this run"
+    return f"{text}; the last committed checkpoint is {after}"
+
+
 def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path: Path,
-            what: str, *, create: bool = True) -> None:
-    """Runs an engine command on the store; exits with its status, or one line on failure."""
+            what: str, *, create: bool = True, checkpointing: bool = True) -> None:
+    """Runs an engine command on the store; exits with its status, or one line on failure.
+    A program ended by a signal is said in one line, with the checkpoint it can be restored
+    from, and the exit status is the shell's for that signal (128 + N)."""
     try:
         with open_store(store_path, create=create) as store:
+            before = _last_committed(store)
             try:
                 status = uvloop.run(coro_fn(store))
             except BaseException:
                 store.discard_if_unused()  # a run refused before it started leaves no store
                 raise
+            if status < 0:
+                click.echo("vmckpt: " + _killed(what, -status, before, _last_committed(store),
+                                                checkpointing), err=True)
     except ENGINE_ERRORS as e:
         _fail(str(e))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, PermissionError) as e:  # of the program
         _fail(f"cannot start {what}: {e.strerror}")
     sys.exit(status if status >= 0 else 128 - status)
 
@@ -125,22 +169,24 @@ def _engine(coro_fn: Callable[[PageStore], Coroutine[Any, Any, int]], store_path
 @main.command()
 @store_option
 @engine_options
-@click.option("--min-ram", default="32M", show_default=True,
+@click.option("--min-ram", type=Size(4096, 1 << 40), default="32M", show_default=True,
               help="Smallest shared mapping taken for guest RAM.")
-@click.option("--attach-timeout", default="30s", show_default=True,
+@click.option("--attach-timeout", type=Duration(0, 86400, positive=True), default="30s",
+              show_default=True,
               help="How long the program may take to map its guest RAM.")
 @click.option("--detach-on-exit", is_flag=True,
               help="On Ctrl-C, leave the program running untracked instead of stopping it.")
 @click.option("--add-memory-backend", is_flag=True,
               help="QEMU with plain -m SIZE: give it a shared memfd backend of that size.")
 @click.argument("argv", nargs=-1, required=True)
-def run(store_path: Path, options: EngineOptions, max_checkpoints: int | None, min_ram: str,
-        attach_timeout: str, detach_on_exit: bool, add_memory_backend: bool,
+def run(store_path: Path, options: EngineOptions, max_checkpoints: int | None, min_ram: int,
+        attach_timeout: float, detach_on_exit: bool, add_memory_backend: bool,
         argv: tuple[str, ...]) -> None:
     """Start PROGRAM ARGS... (QEMU, or any program with shared guest RAM) and checkpoint it
     every interval until it exits or Ctrl-C."""
+    _refuse_without_userfaultfd()
     _engine(lambda store: run_program(
-        argv, store, options, attach_timeout=_duration(attach_timeout), min_ram=_size(min_ram),
+        argv, store, options, attach_timeout=attach_timeout, min_ram=min_ram,
         add_memory_backend=add_memory_backend, detach_on_exit=detach_on_exit,
         max_checkpoints=max_checkpoints), store_path, argv[0])
 
@@ -161,48 +207,58 @@ def serve(store_path: Path, options: EngineOptions, max_checkpoints: int | None,
                                      max_checkpoints=max_checkpoints), store_path, "serve")
 
 
+def _refuse_without_userfaultfd() -> None:
+    """The program we start runs as we do: if we may not create a userfaultfd, neither may
+    its preload library, and it would run untracked. Say so before starting it."""
+    if problem := userfaultfd_problem():
+        _fail(problem)
+
+
 def _ckpt(text: str) -> int | str:
-    if text == "latest":
-        return text
     try:
-        return int(text)
-    except ValueError:
-        _fail(f"checkpoint id must be a number or 'latest', not {text!r}")
+        return parse_checkpoint(text)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 @main.command()
 @store_option
 @click.option("--image", type=click.Path(path_type=Path),
               help="Only write the RAM image to this file (sparse: zero pages stay holes).")
-@click.option("--workers", type=int, default=4, show_default=True, help="Parallel readers.")
+@click.option("--workers", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Parallel readers.")
 @click.option("--paused", is_flag=True, help="Leave the restored guest paused (debuggers).")
 @click.option("--checkpoint", is_flag=True,
               help="Keep checkpointing the restored VM, as a new branch from CKPT.")
 @engine_options
-@click.argument("ckpt")
+@click.argument("ckpt", type=CheckpointId())
 @click.argument("argv", nargs=-1)
 def restore(store_path: Path, image: Path | None, workers: int, paused: bool, checkpoint: bool,
-            options: EngineOptions, max_checkpoints: int | None, ckpt: str,
+            options: EngineOptions, max_checkpoints: int | None, ckpt: int | str,
             argv: tuple[str, ...]) -> None:
     """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
     -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM), or with
     --image into a RAM image file, bit-exact."""
-    which = _ckpt(ckpt)
+    which = ckpt
     if image is not None:
         try:
             with open_store(store_path, readonly=True) as store:
                 stats = restore_image(store, which, image, workers=workers)
         except StoreError as e:
             _fail(str(e))
+        except OSError as e:
+            _fail(f"cannot write the RAM image {image}: {e.strerror}")
         click.echo(f"restored {stats.pages} pages ({stats.unique_pages} distinct, "
                    f"{stats.bytes / 2**20:.1f} MiB) into {image} in {stats.seconds:.2f} s")
         return
     if not argv:
         _fail("give --image FILE, or the QEMU command line after --")
+    if checkpoint:
+        _refuse_without_userfaultfd()
     _engine(lambda store: restore_qemu(store, which, argv, paused=paused,
                                        checkpoint=options if checkpoint else None,
                                        max_checkpoints=max_checkpoints), store_path, argv[0],
-            create=False)
+            create=False, checkpointing=checkpoint)
 
 
 @main.command("preload-path")

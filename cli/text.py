@@ -5,7 +5,6 @@ docs/json-schema.md."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from typing import Any
 
 import click
 from vmckpt.cli.main import _ckpt, _fail
+from vmckpt.engine.units import parse_duration
 from vmckpt.storage import PageStore, StoreError, open_store
 
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -108,6 +108,8 @@ def table(rows: list[list[str]], left: int = 0) -> None:
 
 def age(text: str) -> float | None:
     """An age like 90s, 10m, 2h, 3d in seconds; None if text is not one."""
-    ago = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
-    return float(ago[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[2]] if ago else None
+    try:
+        return parse_duration(text)
+    except ValueError:
+        return None
 

@@ -28,6 +28,7 @@ from vmckpt.engine.qemu.target import QemuTarget
 from vmckpt.engine.targets import ProcessTarget, Target, TargetGone
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.engine.tracker import Tracker
+from vmckpt.engine.uffd_access import userfaultfd_problem
 from vmckpt.storage import PageStore, StoreError
 
 log = logging.getLogger("vmckpt")
@@ -58,6 +59,8 @@ async def attach(listener: HandoffListener, proc: asyncio.subprocess.Process,
         return accept.result()
     accept.cancel()
     exited.cancel()
+    if cause := userfaultfd_problem():  # the preload library could not even start
+        raise AttachError(cause)
     if exited in done:
         raise AttachError(f"the program exited (status {proc.returncode}) before it mapped "
                           "shared guest RAM")

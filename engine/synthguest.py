@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+from vmckpt.engine.units import parse_size
 
 PAGE = 4096
 POPULAR = 16
@@ -34,12 +35,6 @@ def seed_page(seed: int) -> bytes:
 
 def popular_page(k: int) -> bytes:
     return hashlib.sha256(f"popular-{k}".encode()).digest() * (PAGE // 32)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper()
-    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
 def map_ram(args: argparse.Namespace) -> tuple[mmap.mmap, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sys
 import time
@@ -26,11 +28,29 @@ class RestoreStats:
     seconds: float
 
 
-def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, workers: int = 4,
-                  progress: bool | None = None, exclusive: bool = False) -> RestoreStats:
-    """Writes the RAM of checkpoint ckpt into path, a file only its owner can read (made so
-    before any page goes in). exclusive: path must not exist yet, and is not followed if it
-    is a symlink (a predictable name in a shared directory such as /dev/shm)."""
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite may write less than asked (a signal, a full file system): go on, or fail."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"wrote nothing at offset {offset}")
+        view, offset = view[n:], offset + n
+
+
+def _create(path: str | Path) -> tuple[int, bool]:
+    """fd of path, made private (guest RAM, whatever the umask), and whether it was created
+    here (then a failed restore removes it)."""
+    try:
+        return open_private(path, os.O_WRONLY | os.O_EXCL), True
+    except FileExistsError:
+        return open_private(path), False
+
+
+def restore_image(store: PageStore, ckpt: int | str, path: str | Path | int, *, workers: int = 4,
+                  progress: bool | None = None) -> RestoreStats:
+    """Writes checkpoint ckpt's RAM into path (a file, created 0600 and removed again if the
+    restore fails or is interrupted), or into an open fd (the caller's, left as it is)."""
     t0 = time.perf_counter()
     rec = store.get_record(ckpt)
     pmap = store.read_map(rec["id"])
@@ -43,7 +63,7 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
     size = store.page_size
     if progress is None:
         progress = sys.stderr.isatty() and rec["ram_size"] >= 256 << 20
-    fd = open_private(path, os.O_WRONLY | (os.O_EXCL | os.O_NOFOLLOW if exclusive else os.O_TRUNC))
+    fd, created = (path, False) if isinstance(path, int) else _create(path)
     try:
         os.ftruncate(fd, rec["ram_size"])  # holes read as zeros: zero pages cost nothing
 
@@ -52,19 +72,27 @@ def restore_image(store: PageStore, ckpt: int | str, path: str | Path, *, worker
             pages = store.get_pages([bytes(u) for u in uniq[lo:hi]])
             for k, page in enumerate(pages):
                 for j in order[starts[lo + k]:starts[lo + k + 1]]:
-                    os.pwrite(fd, page, int(pfns[j]) * size)
+                    _pwrite_all(fd, page, int(pfns[j]) * size)
             return int(starts[hi] - starts[lo])
 
-        with ThreadPoolExecutor(workers) as pool, tqdm(
-                total=len(pfns), unit="page", disable=not progress, desc="restore") as bar:
-            try:
+        pool = ThreadPoolExecutor(workers)
+        try:
+            with tqdm(total=len(pfns), unit="page", disable=not progress, desc="restore") as bar:
                 for n in pool.map(write_chunk, range(0, len(uniq), CHUNK)):
                     bar.update(n)
-            except Damaged as e:
-                raise Damaged(e.store, f"checkpoint {rec['id']} cannot be restored: {e.what}",
-                              (rec["id"],)) from None
-            except MissingPage as e:
-                raise MissingPage(f"checkpoint {rec['id']} cannot be restored: {e}") from None
+        except Damaged as e:
+            raise Damaged(e.store, f"checkpoint {rec['id']} cannot be restored: {e.what}",
+                          (rec["id"],)) from None
+        except MissingPage as e:
+            raise MissingPage(f"checkpoint {rec['id']} cannot be restored: {e}") from None
+        finally:  # on Ctrl-C too: no chunk starts after this, none is left writing
+            pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     finally:
-        os.close(fd)
+        if not isinstance(path, int):
+            os.close(fd)
     return RestoreStats(len(pfns), len(uniq), len(pfns) * size, time.perf_counter() - t0)

@@ -19,7 +19,7 @@ from conftest import is_root
 from rocksdict import AccessType, Options, Rdict
 from test_inspect import VMCKPT, assert_one_line_error, ok, run_synth, vmckpt
 from vmckpt.engine.synthguest import command as synth
-from vmckpt.storage import NotAStore, open_store, restore_image
+from vmckpt.storage import NotAStore, open_store
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="switches users: needs root")
 OTHER = "nobody"
@@ -209,20 +209,3 @@ def test_a_read_only_store_serves_every_reading_command(tmp_path):
             r.stderr.count("\n") == 1, r.stderr
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(store)], check=True)
-
-
-def test_an_exclusive_image_is_never_written_through_a_planted_name(shared, tmp_path):
-    """restore_image(exclusive=True), for images under a predictable name in a shared
-    directory (/dev/shm): a file or symlink planted there is refused, not written through."""
-    store = tmp_path / "store"
-    run_synth(store, 2)
-    victim = shared / "victim"
-    victim.write_bytes(b"keep")
-    (shared / "link").symlink_to(victim)
-    with open_store(store, readonly=True) as s:
-        for planted in (shared / "link", victim):
-            with pytest.raises(FileExistsError):
-                restore_image(s, "latest", planted, exclusive=True)
-        restore_image(s, "latest", shared / "fresh", exclusive=True)
-    assert victim.read_bytes() == b"keep"
-    assert stat.S_IMODE((shared / "fresh").stat().st_mode) == 0o600

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmckpt.engine.units import parse_size
+
 TRACKED_FS = ("tmpfs", "hugetlbfs")
 ADDED_ID = "vmckpt-ram"
 
@@ -58,15 +60,6 @@ def join_opts(opts: dict[str, str], implied: str) -> str:
     items = [opts[implied].replace(",", ",,")] if implied in opts else []
     items += [f"{k}={v.replace(',', ',,')}" for k, v in opts.items() if k != implied]
     return ",".join(items)
-
-
-def parse_size(text: str) -> int:
-    """QEMU sizes: bytes, or a number with K/M/G/T (binary units; `-m 512` means MiB)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B")
-    if t[-1:] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def _option_values(argv: Sequence[str], *names: str) -> list[tuple[int, str]]:
@@ -143,7 +136,10 @@ def find_ram_backend(argv: Sequence[str]) -> RamBackend:
                     "mem-path under /dev/shm, or use memory-backend-memfd")
         if "size" not in opts:
             raise QemuArgsError(f"memory backend {backend_id} has no size=")
-        return RamBackend(index, opts, parse_size(opts["size"]))
+        try:
+            return RamBackend(index, opts, parse_size(opts["size"]))
+        except ValueError as e:
+            raise QemuArgsError(f"memory backend {backend_id}: size={opts['size']}: {e}") from None
     raise QemuArgsError(f"-machine memory-backend={backend_id} names no -object with "
                         f"id={backend_id}")
 

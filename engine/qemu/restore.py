@@ -17,7 +17,7 @@ from typing import Any
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.qemu.argv import for_restore, with_qmp
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
-from vmckpt.engine.session import TrackedProgram, checkpoint_program
+from vmckpt.engine.session import AttachError, TrackedProgram, checkpoint_program
 from vmckpt.storage import PageStore, get_blob, restore_image
 
 log = logging.getLogger("vmckpt")
@@ -28,22 +28,74 @@ class RestoreError(Exception):
 
 
 class StderrTail:
-    """Passes a child's stderr through and keeps its last lines for error messages."""
+    """A pipe for a child's stderr, read from before the child starts: passes it through and
+    keeps its last lines, so QEMU's own words are there whenever it fails, at start-up too."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=8)
-        self.task = asyncio.ensure_future(self._pump(stream))
+        r, self.fd = os.pipe()  # fd: the child's end, for its stderr
+        self._reader = os.fdopen(r, "rb", buffering=0)
+        self.task = asyncio.ensure_future(self._pump())
 
-    async def _pump(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            sys.stderr.buffer.write(line)
-            sys.stderr.flush()
-            self.lines.append(line.decode(errors="replace").strip())
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        stream = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stream), self._reader)
+        try:
+            while line := await stream.readline():
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+                self.lines.append(line.decode(errors="replace").strip())
+        finally:
+            transport.close()
+
+    def started(self) -> None:
+        """The child holds its copy of our write end: close ours, so EOF comes when it exits."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     async def text(self) -> str:
+        self.started()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.task), 2)
         return " / ".join(self.lines) or "QEMU printed nothing"
+
+    async def close(self) -> None:
+        self.started()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await self.task
+
+
+def _write_image(store: PageStore, ckpt: int, image_dir: str) -> Path:
+    """The checkpoint's RAM in a new file of image_dir (tmpfs): an unpredictable name, created
+    0600 with O_EXCL|O_NOFOLLOW (mkstemp), so nothing planted there is followed or reused;
+    removed again if writing it fails or is interrupted."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"vmckpt-{ckpt}-{os.getpid()}-", suffix=".ram",
+                                    dir=image_dir)
+    except OSError as e:
+        raise RestoreError(f"cannot create the RAM image in {image_dir}: {e.strerror}") from None
+    try:
+        restore_image(store, ckpt, fd)
+    except BaseException as e:
+        os.unlink(name)
+        if isinstance(e, OSError):
+            raise RestoreError(f"cannot write the RAM image of checkpoint {ckpt} in "
+                               f"{image_dir}: {e.strerror}") from None
+        raise
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
+async def _kill(proc: asyncio.subprocess.Process | None) -> None:
+    if proc and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *,
@@ -55,44 +107,77 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
     paused: stop after loading (for a debugger); checkpoint: keep checkpointing it into the
     same store as a new branch whose parent is ckpt (how: checkpoint_program's options).
     on_loaded (tests) sees the RAM image once the device state is in, before the guest runs.
-    Returns QEMU's exit status.
+    Returns QEMU's exit status. If QEMU fails to start or to load the checkpoint, the
+    RestoreError says why in QEMU's words, with the command line the checkpoint was taken
+    with; QEMU is never left running and the RAM image never left behind.
     """
     rec = store.get_record(ckpt)
     if not rec.get("device_state"):
         raise RestoreError(f"checkpoint {rec['id']} holds no QEMU device state (it was taken "
                            f"from a {rec['target']['kind']}): restore its RAM with --image")
     device = get_blob(store, rec["device_state"])
-    image = Path(image_dir) / f"vmckpt-{rec['id']}-{os.getpid()}.ram"
-    restore_image(store, rec["id"], image)
+    for_restore(argv, "IMAGE", rec["ram_size"])  # refuses a wrong size before any work
+    # Until the guest runs, SIGTERM stops the restore like Ctrl-C does (asyncio cancels the
+    # task at its next await): the cleanup below runs, where SIGTERM's default would leave
+    # the image and QEMU behind.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task
+    terminated: list[bool] = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: (terminated.append(True), task.cancel()))
+    try:
+        return await _restore(store, rec, device, argv, paused, checkpoint, image_dir,
+                              attach_timeout, on_loaded, how)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        raise RestoreError(f"the restore of checkpoint {rec['id']} was stopped by SIGTERM "
+                           "before the guest ran") from None
+    finally:  # ours, if the guest never ran (else already replaced and removed)
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[str],
+                   paused: bool, checkpoint: EngineOptions | None, image_dir: str,
+                   attach_timeout: float, on_loaded: Callable[[Path], None] | None,
+                   how: dict[str, Any]) -> int:
+    image = _write_image(store, rec["id"], image_dir)
+    tail = StderrTail()
+    proc: asyncio.subprocess.Process | None = None
+    prog: TrackedProgram | None = None
+    qmp: Qmp | None = None
+    loaded = False
     try:
         qemu_argv = for_restore(argv, image, rec["ram_size"])
         with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
             sock = Path(tmp) / "engine.sock"
-            prog = None
-            if checkpoint:
-                prog = await TrackedProgram.start(
-                    qemu_argv, sock, copiers=checkpoint.copiers,
-                    buffer_bytes=checkpoint.buffer_bytes, tracking=checkpoint.tracking,
-                    priority=checkpoint.priority,
-                    attach_timeout=attach_timeout,
-                    stderr=asyncio.subprocess.PIPE)
-                proc, qmp = prog.proc, prog.target.qmp  # type: ignore[attr-defined]
-            else:
-                qmp_path = Path(tmp) / "qmp.sock"
-                proc = await asyncio.create_subprocess_exec(
-                    *with_qmp(qemu_argv, qmp_path), stderr=asyncio.subprocess.PIPE)
-                qmp = await Qmp.connect(qmp_path, timeout=attach_timeout, pid=proc.pid)
-                await qmp.set_ignore_shared()
-            assert proc.stderr
-            tail = StderrTail(proc.stderr)
             try:
+                if checkpoint:
+                    try:
+                        prog = await TrackedProgram.start(
+                            qemu_argv, sock, copiers=checkpoint.copiers,
+                            buffer_bytes=checkpoint.buffer_bytes, tracking=checkpoint.tracking,
+                            priority=checkpoint.priority, attach_timeout=attach_timeout,
+                            stderr=tail.fd)
+                    finally:
+                        tail.started()
+                    proc, qmp = prog.proc, prog.target.qmp  # type: ignore[attr-defined]
+                else:
+                    qmp_path = Path(tmp) / "qmp.sock"
+                    try:
+                        proc = await asyncio.create_subprocess_exec(
+                            *with_qmp(qemu_argv, qmp_path), stderr=tail.fd)
+                    finally:
+                        tail.started()
+                    qmp = await Qmp.connect(qmp_path, timeout=attach_timeout, pid=proc.pid)
+                    await qmp.set_ignore_shared()
+                assert qmp
                 await qmp.load_device_state(device)
-            except Exception as e:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-                if prog:
-                    await prog.untrack()
+                loaded = True
+            except (QemuError, AttachError, OSError) as e:
+                if proc is None and isinstance(e, (FileNotFoundError, PermissionError)):
+                    raise  # no QEMU to run: the caller says "cannot start"
+                await _kill(proc)
                 taken = " ".join(rec["target"].get("argv") or [])
                 raise RestoreError(
                     f"QEMU could not load checkpoint {rec['id']}: {await tail.text()} "
@@ -106,9 +191,11 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
             log.info("checkpoint %d restored%s", rec["id"],
                      " (paused)" if paused else "; the guest runs")
             if prog:
+                qmp = None  # the engine's now: checkpoint_program closes it
                 return await checkpoint_program(prog, store, checkpoint, parent=rec["id"],
                                                 **how)
             # Like `vmckpt run`: Ctrl-C or SIGTERM stops the VM cleanly.
+            assert proc
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, proc.terminate)
@@ -117,9 +204,15 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
-                await qmp.close()
     except QemuError as e:
         raise RestoreError(str(e)) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             image.unlink()
+        if not loaded:  # failed or interrupted (Ctrl-C) before the guest was ours to run
+            if prog:
+                await prog.untrack()
+            await _kill(proc)
+        if qmp:  # always: an unclosed client leaves "exception was never retrieved" behind
+            await qmp.close()
+        await tail.close()

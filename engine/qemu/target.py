@@ -7,10 +7,22 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.targets.base import TargetGone, pid_alive
+
+
+def _exits(pid: int, within: float = 1.0) -> bool:
+    """Whether pid is gone or goes within a moment: a dying QEMU closes its sockets (our QMP
+    connection breaks) a little before it becomes a zombie."""
+    deadline = time.monotonic() + within
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 class QemuTarget:
@@ -58,7 +70,7 @@ class QemuTarget:
         except QemuError:
             raise
         except Exception as e:
-            if not pid_alive(self.pid):
+            if _exits(self.pid):
                 raise TargetGone(f"QEMU (pid {self.pid}) exited") from None
             raise QemuError(f"{what} failed: {e}") from e
 
