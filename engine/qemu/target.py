@@ -17,7 +17,9 @@ class QemuTarget:
     """Owns the engine's QMP connection to one QEMU.
 
     A keeper process (engine/qemu/keeper.py) continues the guest if the engine dies while the
-    guest is stopped, so a crash of the engine never leaves the VM paused.
+    guest is stopped, so a crash of the engine never leaves the VM paused. A VM that was not
+    running when a pause began (stopped by its user, started with -S, restored --paused) is
+    checkpointed as it is and left so: neither the engine nor the keeper continues it.
     """
 
     kind = "qemu"
@@ -28,21 +30,17 @@ class QemuTarget:
         self.argv = list(argv) if argv else None
         self._prepared: asyncio.Future[None] | None = None
         self._outcome: asyncio.Future[dict] | None = None
+        self._stopped_by_us = False  # this pause stopped a running guest: resume continues it
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
     @classmethod
-    async def connect(cls, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
-                      name: str = "qemu", argv: Sequence[str] | None = None,
-                      timeout: float = 30.0) -> QemuTarget:
-        qmp = await Qmp.connect(qmp_path, timeout=timeout, pid=pid)
-        try:
-            await qmp.set_ignore_shared()
-        except BaseException:
-            await qmp.close()
-            raise
+    async def on(cls, qmp: Qmp, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
+                 name: str = "qemu", argv: Sequence[str] | None = None) -> QemuTarget:
+        """The target behind an open QMP connection (closed with the target)."""
+        await qmp.set_ignore_shared()
         return cls(qmp, qmp_path, pid, ram_length, name, argv)
 
     def _mark(self, state: bytes) -> None:
@@ -67,8 +65,16 @@ class QemuTarget:
             await self.qmp.cmd(name)
 
     async def pause(self) -> None:
-        self._mark(b"P")
-        await self._cmd("stop")
+        self._mark(b"P")  # before anything: the keeper must continue a guest we may stop
+        with self._failures("QMP stop"):
+            # Sent together: QMP answers a monitor's commands in order, so the status is the
+            # one just before our stop, at no extra round trip inside the pause. (qemu.qmp
+            # queues each command when its task first runs, and tasks run in creation order.)
+            status, _ = await asyncio.gather(self.qmp.cmd("query-status"),
+                                             self.qmp.cmd("stop"))
+        self._stopped_by_us = bool(status.get("running"))
+        if not self._stopped_by_us:
+            self._mark(b"S")  # stopped by its user: nobody continues it but the user
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
@@ -78,8 +84,10 @@ class QemuTarget:
         return data
 
     async def resume(self) -> None:
-        await self._cmd("cont")
-        self._mark(b"R")
+        if self._stopped_by_us:
+            await self._cmd("cont")
+            self._stopped_by_us = False
+            self._mark(b"R")
 
     async def settle(self) -> None:
         outcome, self._outcome = self._outcome, None
