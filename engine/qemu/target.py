@@ -31,6 +31,11 @@ class QemuTarget:
         self._prepared: asyncio.Future[None] | None = None
         self._outcome: asyncio.Future[dict] | None = None
         self._stopped_by_us = False  # this pause stopped a running guest: resume continues it
+        self._status = ""  # QEMU's run state when the pause began
+        # The device state of our last save and QEMU's figures for it: a VM that has not run
+        # since (run state postmigrate) cannot be migrated again, and its devices are the same.
+        self._saved: tuple[bytes, dict] | None = None
+        self._saving: bytes | None = None
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -73,15 +78,28 @@ class QemuTarget:
             status, _ = await asyncio.gather(self.qmp.cmd("query-status"),
                                              self.qmp.cmd("stop"))
         self._stopped_by_us = bool(status.get("running"))
+        self._status = status.get("status", "")
         if not self._stopped_by_us:
             self._mark(b"S")  # stopped by its user: nobody continues it but the user
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
+            if self._status == "postmigrate":  # not running: a round trip more costs it nothing
+                return await self._unchanged_state()
             if self._prepared:
                 await self._prepared
             data, self._outcome = await self.qmp.save_device_state()
+        self._saving = data
         return data
+
+    async def _unchanged_state(self) -> bytes:
+        """The device state of a VM that has not run since our last save (QEMU refuses to
+        migrate it again; only cont leaves postmigrate), if that migration was ours."""
+        if self._saved and await self.qmp.cmd("query-migrate") == self._saved[1]:
+            return self._saved[0]
+        raise QemuError("QEMU is stopped after a migration vmckpt did not make (run state "
+                        "postmigrate) and cannot save its device state again until it runs: "
+                        "continue it (QMP cont)")
 
     async def resume(self) -> None:
         if self._stopped_by_us:
@@ -94,6 +112,8 @@ class QemuTarget:
         if outcome:  # the device-state save's outcome: a failed one fails the checkpoint
             with self._failures("saving device state"):
                 info = await outcome
+            if self._saving is not None:
+                self._saved, self._saving = (self._saving, info), None
             sent = info.get("ram", {}).get("total", 0)
             if sent >= self.ram_length:
                 raise QemuError(
