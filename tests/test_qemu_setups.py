@@ -1,10 +1,11 @@
 """QEMU set-ups beyond the test guest's own, on a real QEMU (TCG, small guests that need not
 boot): which RAM is tracked when a shared pc-dimm backend comes before the machine's, a VM its
-user keeps stopped, and memfd backends without share= (QEMU shares them by default), also in
-the JSON -object syntax libvirt writes."""
+user keeps stopped (and a device-state save QEMU refuses), and memfd backends without share=
+(QEMU shares them by default), also in the JSON -object syntax libvirt writes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
+from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store
@@ -137,3 +139,29 @@ def test_a_stopped_vm_stays_stopped_while_it_is_checkpointed(tmp_path):
             monitor.close()
     finally:
         kill_qemu(pidfile)
+
+
+def test_a_refused_device_state_save_fails_instead_of_hanging(tmp_path):
+    # QEMU takes the migration fd, then refuses to migrate a VM stopped since the last
+    # migration: the save must fail at once, not wait for an end of stream that never comes.
+    sock = tmp_path / "qmp.sock"
+    qemu = subprocess.Popen([*qemu_argv(mem="64M", serial="none"), "-S",
+                             "-qmp", f"unix:{sock},server=on,wait=off"])
+
+    async def go() -> str:
+        qmp = await Qmp.connect(sock, pid=qemu.pid)
+        try:
+            await qmp.set_ignore_shared()
+            _data, outcome = await qmp.save_device_state()
+            await outcome
+            with pytest.raises(QemuError) as refused:
+                await asyncio.wait_for(qmp.save_device_state(), 60)
+            return str(refused.value)
+        finally:
+            await qmp.close()
+
+    try:
+        assert "paused due to previous migration" in asyncio.run(go())
+    finally:
+        qemu.kill()
+        qemu.wait()
