@@ -165,3 +165,35 @@ def test_a_refused_device_state_save_fails_instead_of_hanging(tmp_path):
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
+    store, user = str(tmp_path / "store"), tmp_path / "user.sock"
+    plain = qemu_argv(mem="64M", backend="none", serial="none")
+    r = vmckpt("run", "--store", store, "--add-memory-backend", "--max-checkpoints", "1",
+               "--", *plain)
+    assert r.returncode == 0, r.stderr
+    engine = subprocess.Popen([VMCKPT, "-v", "restore", "--store", store, "1", "--paused",
+                               "--checkpoint", "--interval", "0.2s", "--", *plain,
+                               "-qmp", f"unix:{user},server=on,wait=off"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert engine.stderr
+        committed = 0
+        for line in engine.stderr:  # the restored branch: checkpoints 2, 3, 4
+            committed += line.startswith("vmckpt: checkpoint ")
+            if committed == 3:
+                break
+        assert committed == 3
+        monitor = QEMUMonitorProtocol(str(user))
+        monitor.connect()
+        try:
+            status = monitor.cmd("query-status")
+        finally:
+            monitor.close()
+        assert status["running"] is False, status
+        engine.send_signal(signal.SIGINT)
+        assert engine.wait(timeout=60) == 0
+    finally:
+        engine.kill()
+        engine.wait()
