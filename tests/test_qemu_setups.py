@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from vmckpt.engine.handoff import GuestRam
 from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
+from vmckpt.engine.qemu.ram import RamMismatch, machine_ram
 from vmckpt.engine.qemu.testguest import qemu_argv
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store
@@ -68,6 +72,71 @@ def test_a_shared_dimm_backend_before_the_machines_is_refused_not_tracked(tmp_pa
         assert checkpoints(store) == []
     finally:
         kill_qemu(pidfile)
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_file_backend_is_recognised_by_its_mem_path(tmp_path, where):
+    # The handed fd must be the mem-path's file (or, mem-path a directory, one QEMU made
+    # there and unlinked): the check must not refuse the real thing.
+    shm = Path(tempfile.mkdtemp(prefix="vmckpt-test-", dir="/dev/shm"))
+    mem_path = shm / "ram" if where == "file" else shm
+    store, pidfile = tmp_path / "store", tmp_path / "qemu.pid"
+    try:
+        r = vmckpt("run", "--store", str(store), "--max-checkpoints", "2", "--interval", "0.2s",
+                   "--", *bare(pidfile), "-object",
+                   f"memory-backend-file,id=mem0,size=64M,mem-path={mem_path},share=on",
+                   *MACHINE)
+        assert r.returncode == 0, r.stderr
+        assert len(checkpoints(store)) == 2
+    finally:
+        kill_qemu(pidfile)
+        shutil.rmtree(shm)
+
+
+def test_a_region_that_is_not_the_backend_is_refused(tmp_path):
+    # Regions as the handoff gives them, checked against a real QEMU's backend: another file of
+    # the same size, or a memfd of another size, is not its RAM.
+    shm = Path(tempfile.mkdtemp(prefix="vmckpt-test-", dir="/dev/shm"))
+    sock = tmp_path / "qmp.sock"
+    for name in ("ram", "other"):
+        with open(shm / name, "wb") as f:
+            f.truncate(64 << 20)
+    qemu = subprocess.Popen([*qemu_argv(mem="64M", backend=str(shm / "ram"), serial="none"),
+                             "-S", "-qmp", f"unix:{sock},server=on,wait=off"])
+
+    def region(path: Path, length: int = 64 << 20) -> GuestRam:
+        return GuestRam(-1, os.open(path, os.O_RDONLY), 0, length, 0, 0, qemu.pid, 4096,
+                        str(path))
+
+    async def go() -> list[str]:
+        qmp = await Qmp.connect(sock, pid=qemu.pid)
+        refused = []
+        try:
+            for handed in ([region(shm / "other")], [region(shm / "ram", 32 << 20)],
+                           [region(shm / "ram"), region(shm / "other")]):
+                with pytest.raises(RamMismatch) as e:
+                    await machine_ram(qmp, handed)
+                refused.append(str(e.value))
+                for ram in handed:
+                    ram.close()
+            mine = region(shm / "ram")
+            assert await machine_ram(qmp, [mine]) is mine
+            mine.close()
+        finally:
+            await qmp.close()
+        return refused
+
+    try:
+        refused = asyncio.run(go())
+    finally:
+        qemu.kill()
+        qemu.wait()
+        shutil.rmtree(shm)
+    assert refused == [
+        f"QEMU handed over shared RAM that is not only its machine's backend mem0 "
+        f"(memory-backend-file, 64 MiB, {shm}/ram): {got}" for got in (
+            f"{shm}/other, 64 MiB", f"{shm}/ram, 32 MiB",
+            f"{shm}/ram, 64 MiB; {shm}/other, 64 MiB")]
 
 
 # --- 12. memfd without share=, and JSON -object -----------------------------------------------
