@@ -102,10 +102,11 @@ class ControlServer:
         task.add_done_callback(self.serving.discard)
         pid, uid = peer_credentials(writer.get_extra_info("socket"))
         try:
+            line = await reader.readline()  # read first: a refusal is then the answer to it
             if why := refusal(uid):
                 log.warning("refused a control request from pid %d: %s", pid, why)
                 raise ControlError(f"the engine refuses this request: {why}")
-            request = json.loads(await reader.readline())
+            request = json.loads(line)
             reply = {"result": await asyncio.to_thread(
                 perform, self.store, request, engine_parent=self.parent(), engine_running=True)}
         except (StoreError, ControlError) as e:

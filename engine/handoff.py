@@ -120,16 +120,16 @@ class HandoffListener:
             conn.setblocking(False)
             pid, uid = peer_credentials(conn)
             try:
-                if why := refusal(uid):
-                    raise HandoffError(why)  # before reading: its fds are never ours
                 try:
                     data, fds = await asyncio.wait_for(_receive(conn), self.timeout)
                 except TimeoutError:
                     raise HandoffError(f"sent no handoff within {self.timeout:g} s") from None
-                if self._refusing:
+                # Refused only once read, so that the peer hears why (closed at once: an
+                # unread message would make its send fail instead).
+                if why := refusal(uid) or self._refusing:
                     for fd in fds:
                         os.close(fd)
-                    raise HandoffError(self._refusing)
+                    raise HandoffError(why)
                 ram = _parse(data, fds, pid)
             except (HandoffError, OSError) as e:
                 with contextlib.suppress(OSError):
