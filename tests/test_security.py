@@ -6,15 +6,18 @@ that drop to `nobody` (tests run as root)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
 import pickle
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,65 @@ def test_preload_hands_guest_ram_only_to_its_own_user_or_root(shared_dir, progra
         assert prog.stderr.count("vmckpt-preload:") == 1, prog.stderr
         assert (f"the listener on {sock} is uid {listener_uid}, neither this process's user "
                 "nor root: guest RAM not handed over, it runs untracked") in prog.stderr
+
+
+SIGNALLED = """
+import mmap, os, signal
+signal.signal(signal.SIGUSR1, lambda *_: None)  # interrupts system calls (no SA_RESTART)
+fd = os.memfd_create("guest-ram")
+os.ftruncate(fd, 8 << 20)
+m = mmap.mmap(fd, 8 << 20)
+print("mapped", flush=True)
+"""
+
+
+def _blocked_in_read(pid: int) -> bool:
+    return Path(f"/proc/{pid}/syscall").read_text().startswith("0 ")  # x86-64 read
+
+
+def _signal_pending(pid: int, sig: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    pending = [int(line.split()[1], 16) for line in status if line.startswith(("SigPnd",
+                                                                               "ShdPnd"))]
+    return any(mask & (1 << (sig - 1)) for mask in pending)
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    for _ in range(60_000):  # a bound, not a measure: each turn is a look at /proc
+        if cond():
+            return
+        time.sleep(0.001)
+    raise AssertionError("the program never got there")
+
+
+def test_a_signal_while_the_vmm_waits_for_the_engine_does_not_lose_the_handoff(shared_dir):
+    # QEMU's main thread takes signals while it starts: one that lands while the library waits
+    # for the engine's answer made it give up, though the engine held the fds by then.
+    sock = shared_dir / "engine.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen(1)
+        env = {**os.environ, "LD_PRELOAD": str(preload_path()), "VMCKPT_SOCKET": str(sock),
+               "VMCKPT_MIN_BYTES": str(4 << 20)}
+        prog = subprocess.Popen([sys.executable, "-c", SIGNALLED], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            listener.settimeout(60)
+            conn, _ = listener.accept()
+            with conn:
+                _msg, fds, _, _ = socket.recv_fds(conn, 4096, 8)
+                for fd in fds:
+                    os.close(fd)
+                _until(lambda: _blocked_in_read(prog.pid))  # waiting for our answer
+                os.kill(prog.pid, signal.SIGUSR1)
+                _until(lambda: not _signal_pending(prog.pid, signal.SIGUSR1))  # delivered
+                with contextlib.suppress(BrokenPipeError):
+                    conn.sendall(b"k")
+            out, err = prog.communicate(timeout=60)
+        finally:
+            prog.kill()
+            prog.wait()
+    assert (out, err) == ("mapped\n", "")
 
 
 # --- 8. the control socket --------------------------------------------------------------------

@@ -161,6 +161,7 @@ static int send_handoff(int s, const int *fds, int nfds, const struct vmckpt_han
                          .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
     struct cmsghdr *c;
     struct timeval ack_timeout = {.tv_sec = 10};
+    ssize_t n;
     char ack;
 
     memset(cbuf, 0, sizeof cbuf);
@@ -169,13 +170,21 @@ static int send_handoff(int s, const int *fds, int nfds, const struct vmckpt_han
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
     memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
-    if (sendmsg(s, &msg, MSG_NOSIGNAL) != (ssize_t)sizeof *h)
-        return errno ? -errno : -EIO;
+    /* A signal to the VMM's thread (QEMU gets some while it starts) must not end the handoff:
+     * the engine would hold the fds while this side gave up on them. */
+    do
+        n = sendmsg(s, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof *h)
+        return n < 0 ? -errno : -EIO;
     /* The engine answers 'k' when it took the fds, anything else when it refused them (another
      * user, a RAM region it does not track): the refusal is then said in the VMM's own stderr.
      * Bounded, so a wedged engine cannot hang the VMM's start. */
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &ack_timeout, sizeof ack_timeout);
-    if (read(s, &ack, 1) != 1 || ack != 'k')
+    do
+        n = read(s, &ack, 1);
+    while (n < 0 && errno == EINTR);
+    if (n != 1 || ack != 'k')
         return -ECONNREFUSED;
     return 0;
 }
