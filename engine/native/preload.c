@@ -4,8 +4,9 @@
  * When the process maps a large shared tmpfs/hugetlbfs file (a memfd or a file under /dev/shm),
  * it registers that mapping with a fresh userfaultfd in write-protect mode and hands the uffd
  * and the RAM fd to the vmckpt engine over the Unix socket named by VMCKPT_SOCKET (SCM_RIGHTS;
- * only if the listener is this process's user or root), then closes its own copy of the uffd: the engine holds the only reference, so if the engine
- * dies the kernel drops the registration and the VMM runs on untracked.
+ * only to a listener of this process's user or root), then closes its own copy of the uffd:
+ * the engine holds the only reference, so if the engine dies the kernel drops the
+ * registration and the VMM runs on untracked.
  *
  * Environment:
  *   VMCKPT_SOCKET     engine socket path (unset: the library does nothing)
