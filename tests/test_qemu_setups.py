@@ -195,7 +195,10 @@ def test_a_stopped_vm_stays_stopped_while_it_is_checkpointed(tmp_path):
                                 "--interval", "0.2s", "--detach-on-exit", "--", *argv],
                                stderr=err, timeout=180)
             err.seek(0)
-            assert r.returncode == 0, err.read()
+            said = err.read()
+        assert r.returncode == 0, said
+        assert said.count("QEMU is not running (prelaunch): checkpointed as it is and left "
+                          "stopped") == 1, said
         assert len(checkpoints(store)) == 3
         monitor = QEMUMonitorProtocol(str(user))
         monitor.connect()

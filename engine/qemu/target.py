@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from collections.abc import Iterator, Sequence
 
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.targets.base import TargetGone, pid_alive
+
+log = logging.getLogger("vmckpt")
 
 
 class QemuTarget:
@@ -77,10 +80,14 @@ class QemuTarget:
             # queues each command when its task first runs, and tasks run in creation order.)
             status, _ = await asyncio.gather(self.qmp.cmd("query-status"),
                                              self.qmp.cmd("stop"))
+        was = self._status
         self._stopped_by_us = bool(status.get("running"))
         self._status = status.get("status", "")
         if not self._stopped_by_us:
             self._mark(b"S")  # stopped by its user: nobody continues it but the user
+            if was in ("", "running"):
+                log.info("QEMU is not running (%s): checkpointed as it is and left stopped",
+                         self._status)
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
