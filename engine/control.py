@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vmckpt.engine.peers import bind_private, peer_credentials, refusal
 from vmckpt.storage import PageStore, StoreError
 from vmckpt.storage.gc import collect_garbage
 from vmckpt.storage.prune import Policy, prune
@@ -80,12 +81,15 @@ class ControlServer:
         if path is None:
             return None
         self = cls(store, path, parent)
+        sock = socket.socket(socket.AF_UNIX)
         try:
             path.unlink(missing_ok=True)  # a stale one: we hold the store, nobody serves it
             with _short(path) as where:
-                self.server = await asyncio.start_unix_server(self._serve, path=where)
-            path.chmod(0o600)
+                bind_private(sock, where)  # 0600 from birth: no window for other users
+            sock.listen(8)
+            self.server = await asyncio.start_unix_server(self._serve, sock=sock)
         except OSError as e:
+            sock.close()
             log.warning("no control socket at %s (%s): prune and gc cannot reach this engine",
                         path, e.strerror)
             return None
@@ -96,8 +100,13 @@ class ControlServer:
         assert task is not None
         self.serving.add(task)
         task.add_done_callback(self.serving.discard)
+        pid, uid = peer_credentials(writer.get_extra_info("socket"))
         try:
-            request = json.loads(await reader.readline())
+            line = await reader.readline()  # read first: a refusal is then the answer to it
+            if why := refusal(uid):
+                log.warning("refused a control request from pid %d: %s", pid, why)
+                raise ControlError(f"the engine refuses this request: {why}")
+            request = json.loads(line)
             reply = {"result": await asyncio.to_thread(
                 perform, self.store, request, engine_parent=self.parent(), engine_running=True)}
         except (StoreError, ControlError) as e:
@@ -125,6 +134,9 @@ def ask_engine(path: Path, request: dict) -> dict[str, Any]:
         try:
             with _short(path) as where:
                 sock.connect(where)
+        except PermissionError:
+            raise ControlError(f"the engine's control socket {path} is not yours: run this "
+                               "as the user the engine runs as (or root)") from None
         except OSError as e:
             raise NoEngine(f"no engine answers on {path} ({e.strerror})") from None
         sock.sendall(json.dumps(request).encode() + b"\n")

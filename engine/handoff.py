@@ -11,11 +11,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmckpt.engine.peers import bind_private, peer_credentials, refusal
+
 # Mirrors struct vmckpt_handoff in native/handoff.h.
 _HANDOFF = struct.Struct("<8sIIQQQQIIQ256s")
 _MAGIC = b"VMCKPT\x00\x01"
 _VERSION = 2
-_PEERCRED = struct.Struct("3i")
+HANDOFF_TIMEOUT = 5.0  # seconds a connection has to send its handoff before it is dropped
 log = logging.getLogger("vmckpt")
 SOCKET_ENV = "VMCKPT_SOCKET"
 MIN_BYTES_ENV = "VMCKPT_MIN_BYTES"
@@ -82,62 +84,130 @@ def _parse(data: bytes, fds: list[int], peer_pid: int) -> GuestRam:
 
 
 class HandoffListener:
-    """Listens where VMCKPT_SOCKET points; accepts handoffs only from our own user (or root)."""
+    """Listens where VMCKPT_SOCKET points; takes handoffs only from our own user (or root).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Every connection is served on its own, on the event loop with non-blocking sockets, so a
+    peer that connects and sends nothing holds only its own connection (dropped after
+    timeout), never the checkpoint cycle nor another handoff."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float | None = None) -> None:
         self.path = Path(path)
+        self.timeout = HANDOFF_TIMEOUT if timeout is None else timeout
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        old = os.umask(0o177)  # the socket is born 0600: nobody else may hand us anything
-        try:
-            self._sock.bind(str(self.path))
-        finally:
-            os.umask(old)
-        self._sock.listen(8)
+        bind_private(self._sock, str(self.path))  # 0600: nobody else may hand us anything
+        self._sock.listen(16)
+        self._taken: asyncio.Queue[GuestRam] = asyncio.Queue()
+        self._refusing: str | None = None  # set: every further handoff is refused, saying why
+        self._server: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
 
-    async def accept(self) -> GuestRam:
-        """Waits for the next handoff; refuses (and keeps waiting) foreign or malformed ones."""
+    def _serve(self) -> None:
+        if self._server is None:
+            self._server = asyncio.ensure_future(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._sock)
-            with conn:
-                pid, uid, _gid = _PEERCRED.unpack(
-                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-                )
-                conn.setblocking(True)
-                conn.settimeout(5)
+            task = asyncio.ensure_future(self._handle(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setblocking(False)
+            pid, uid = peer_credentials(conn)
+            try:
                 try:
-                    data, fds, _flags, _addr = socket.recv_fds(conn, _HANDOFF.size, 3)
-                    if uid not in (os.getuid(), 0):
-                        for fd in fds:
-                            os.close(fd)
-                        raise HandoffError(f"handoff from uid {uid} refused")
-                    ram = _parse(data, fds, pid)
-                except (HandoffError, OSError) as e:
-                    with contextlib.suppress(OSError):
-                        conn.sendall(b"n")
-                    log.warning("refused a handoff from pid %d: %s", pid, e)
-                    continue
-                conn.sendall(b"k")
-                return ram
-
-    async def refuse_more(self, why: str) -> None:
-        """Answers every further handoff with a refusal (the engine tracks one RAM region)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(self._sock)
-            with conn:
-                conn.setblocking(True)
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    _data, fds, _f, _a = socket.recv_fds(conn, _HANDOFF.size, 3)
+                    data, fds = await asyncio.wait_for(_receive(conn), self.timeout)
+                except TimeoutError:
+                    raise HandoffError(f"sent no handoff within {self.timeout:g} s") from None
+                # Refused only once read, so that the peer hears why (closed at once: an
+                # unread message would make its send fail instead).
+                if why := refusal(uid) or self._refusing:
                     for fd in fds:
                         os.close(fd)
-                    conn.sendall(b"n")
-                log.warning("refused a second RAM region: %s", why)
+                    raise HandoffError(why)
+                ram = _parse(data, fds, pid)
+            except (HandoffError, OSError) as e:
+                with contextlib.suppress(OSError):
+                    conn.send(b"n")
+                log.warning("refused a handoff from pid %d: %s", pid, e)
+                return
+            try:
+                conn.send(b"k")  # one byte into an empty socket buffer: never blocks
+            except OSError as e:
+                ram.close()
+                log.warning("pid %d left before its handoff was taken: %s", pid, e)
+                return
+            self._taken.put_nowait(ram)
+
+    async def accept(self) -> GuestRam:
+        """Waits for the next handoff taken; refuses (and keeps waiting) foreign or malformed
+        ones."""
+        self._serve()
+        return await self._taken.get()
+
+    def taken(self) -> list[GuestRam]:
+        """The handoffs taken and not yet accepted (the engine owns their fds)."""
+        self._serve()
+        out = []
+        while not self._taken.empty():
+            out.append(self._taken.get_nowait())
+        return out
+
+    def refuse(self, why: str) -> list[GuestRam]:
+        """From now on every handoff is refused with why; returns those already taken."""
+        self._refusing = why
+        return self.taken()
+
+    async def refuse_more(self, why: str) -> None:
+        """Refuses every further handoff (the engine tracks one RAM region), until cancelled."""
+        for ram in self.refuse(why):
+            log.warning("refused a second RAM region (%s, %d MiB): %s", ram.path,
+                        ram.length >> 20, why)
+            ram.close()
+        await asyncio.Event().wait()
 
     def close(self) -> None:
+        for task in [*self._conns, *([self._server] if self._server else [])]:
+            task.cancel()
+        for ram in self.taken() if self._server else []:
+            ram.close()
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One handoff message and its fds from a non-blocking socket (fewer bytes at EOF)."""
+    data, fds = b"", []
+    try:
+        while len(data) < _HANDOFF.size:
+            await _readable(conn)
+            try:
+                chunk, more, _flags, _addr = socket.recv_fds(
+                    conn, _HANDOFF.size - len(data), 3, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                continue
+            fds += more
+            if not chunk:
+                break
+            data += chunk
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return data, fds

@@ -24,6 +24,8 @@ from vmckpt.engine.handoff import (
 )
 from vmckpt.engine.qemu.argv import add_memory_backend as add_memory_backend_to
 from vmckpt.engine.qemu.argv import find_ram_backend, is_qemu, with_qmp
+from vmckpt.engine.qemu.qmp import Qmp
+from vmckpt.engine.qemu.ram import machine_ram
 from vmckpt.engine.qemu.target import QemuTarget
 from vmckpt.engine.targets import ProcessTarget, Target, TargetGone
 from vmckpt.engine.targets.base import pid_alive
@@ -90,6 +92,27 @@ async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.
     return proc, ram, listener
 
 
+async def attach_qemu(listener: HandoffListener, first: GuestRam, qmp_path: Path, pid: int, *,
+                      name: str, argv: Sequence[str] | None, timeout: float = 30.0
+                      ) -> tuple[GuestRam, QemuTarget]:
+    """QEMU's monitor answers only once every memory backend is mapped and handed over: the
+    regions taken by then must be exactly the machine's RAM (engine/qemu/ram.py). Returns it
+    and the target; closes everything it was given if it fails."""
+    handed = [first]
+    qmp = None
+    try:
+        qmp = await Qmp.connect(qmp_path, timeout=timeout, pid=pid)
+        handed += listener.refuse("vmckpt tracks one RAM region, the machine's")
+        ram = await machine_ram(qmp, handed)
+        return ram, await QemuTarget.on(qmp, qmp_path, pid, ram.length, name=name, argv=argv)
+    except BaseException:
+        for region in handed:
+            region.close()
+        if qmp:
+            await qmp.close()
+        raise
+
+
 @dataclass
 class TrackedProgram:
     """A program started with the preload library, its guest RAM under a tracker. QEMU (by
@@ -123,18 +146,17 @@ class TrackedProgram:
         target: Target | None = None
         tracker = None
         try:
-            tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes,
-                              tracking=tracking, priority=priority)
             if is_qemu(argv):
-                target = await QemuTarget.connect(qmp_path, proc.pid, ram.length, name=name,
-                                                  argv=recorded, timeout=attach_timeout)
+                ram, target = await attach_qemu(listener, ram, qmp_path, proc.pid, name=name,
+                                                argv=recorded, timeout=attach_timeout)
             else:
                 target = ProcessTarget(proc.pid, name=name, argv=recorded)
+            tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes,
+                              tracking=tracking, priority=priority)
         except BaseException:
-            if tracker:
-                tracker.close()
-            else:
-                ram.close()
+            ram.close()
+            if target:
+                await target.close()
             listener.close()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -246,22 +268,23 @@ async def serve(socket_path: Path, qmp_path: Path, store: PageStore, options: En
     """Checkpoints a QEMU started by someone else with the preload library pointed at
     socket_path and a QMP monitor at qmp_path; QEMU is left running when this stops."""
     listener = HandoffListener(socket_path)
+    target: QemuTarget | None = None
     try:
         log.info("waiting for QEMU's guest RAM on %s", socket_path)
         ram = await listener.accept()
+        try:
+            cmdline = Path(f"/proc/{ram.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            cmdline = []
+        argv = [a.decode(errors="replace") for a in cmdline]
+        ram, target = await attach_qemu(listener, ram, qmp_path, ram.pid,
+                                        name=Path(argv[0]).name if argv else "qemu", argv=argv)
         tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes,
                           tracking=options.tracking, priority=options.priority)
     except BaseException:
-        listener.close()
-        raise
-    try:
-        cmdline = Path(f"/proc/{ram.pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        argv = [a.decode(errors="replace") for a in cmdline]
-        target = await QemuTarget.connect(qmp_path, ram.pid, ram.length,
-                                          name=Path(argv[0]).name if argv else "qemu",
-                                          argv=argv)
-    except BaseException:
-        tracker.close()
+        if target:
+            ram.close()
+            await target.close()
         listener.close()
         raise
     log.info("tracking QEMU pid %d: %d MiB of guest RAM", ram.pid, ram.length >> 20)

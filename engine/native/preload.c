@@ -3,9 +3,10 @@
  *
  * When the process maps a large shared tmpfs/hugetlbfs file (a memfd or a file under /dev/shm),
  * it registers that mapping with a fresh userfaultfd in write-protect mode and hands the uffd
- * and the RAM fd to the vmckpt engine over the Unix socket named by VMCKPT_SOCKET (SCM_RIGHTS),
- * then closes its own copy of the uffd: the engine holds the only reference, so if the engine
- * dies the kernel drops the registration and the VMM runs on untracked.
+ * and the RAM fd to the vmckpt engine over the Unix socket named by VMCKPT_SOCKET (SCM_RIGHTS;
+ * only to a listener of this process's user or root), then closes its own copy of the uffd:
+ * the engine holds the only reference, so if the engine dies the kernel drops the
+ * registration and the VMM runs on untracked.
  *
  * Environment:
  *   VMCKPT_SOCKET     engine socket path (unset: the library does nothing)
@@ -122,18 +123,15 @@ static int make_uffd(uint64_t offered, uint64_t wanted, uint64_t *features)
     return uffd;
 }
 
-static int send_handoff(const char *sock_path, const int *fds, int nfds,
-                        const struct vmckpt_handoff *h)
+/* Connects to the engine at sock_path; guest RAM goes only to a listener of our own user or
+ * root. SO_PEERCRED of a connected socket names the process that called listen(). Returns the
+ * socket, -errno, or -EPERM with *peer_uid set when the listener is someone else. */
+static int connect_engine(const char *sock_path, uid_t *peer_uid)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    char cbuf[CMSG_SPACE(3 * sizeof(int))];
-    struct iovec iov = {.iov_base = (void *)h, .iov_len = sizeof *h};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
-                         .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
-    struct cmsghdr *c;
+    struct ucred cred;
+    socklen_t credlen = sizeof cred;
     int s;
-    struct timeval ack_timeout = {.tv_sec = 10};
-    char ack;
 
     if (strlen(sock_path) >= sizeof sa.sun_path)
         return -ENAMETOOLONG;
@@ -141,31 +139,54 @@ static int send_handoff(const char *sock_path, const int *fds, int nfds,
     s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0)
         return -errno;
-    if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
+    if (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+        getsockopt(s, SOL_SOCKET, SO_PEERCRED, &cred, &credlen) < 0) {
         int e = errno;
         close(s);
         return -e;
     }
+    if (cred.uid != geteuid() && cred.uid != 0) {
+        *peer_uid = cred.uid;
+        close(s);
+        return -EPERM;
+    }
+    return s;
+}
+
+/* Sends the handoff on s (connected by connect_engine) and waits for the engine's answer. */
+static int send_handoff(int s, const int *fds, int nfds, const struct vmckpt_handoff *h)
+{
+    char cbuf[CMSG_SPACE(3 * sizeof(int))];
+    struct iovec iov = {.iov_base = (void *)h, .iov_len = sizeof *h};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+                         .msg_controllen = CMSG_SPACE(nfds * sizeof(int))};
+    struct cmsghdr *c;
+    struct timeval ack_timeout = {.tv_sec = 10};
+    ssize_t n;
+    char ack;
+
     memset(cbuf, 0, sizeof cbuf);
     c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
     c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
     memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
-    if (sendmsg(s, &msg, MSG_NOSIGNAL) != (ssize_t)sizeof *h) {
-        int e = errno ? errno : EIO;
-        close(s);
-        return -e;
-    }
+    /* A signal to the VMM's thread (QEMU gets some while it starts) must not end the handoff:
+     * the engine would hold the fds while this side gave up on them. */
+    do
+        n = sendmsg(s, &msg, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof *h)
+        return n < 0 ? -errno : -EIO;
     /* The engine answers 'k' when it took the fds, anything else when it refused them (another
      * user, a RAM region it does not track): the refusal is then said in the VMM's own stderr.
      * Bounded, so a wedged engine cannot hang the VMM's start. */
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &ack_timeout, sizeof ack_timeout);
-    if (read(s, &ack, 1) != 1 || ack != 'k') {
-        close(s);
+    do
+        n = read(s, &ack, 1);
+    while (n < 0 && errno == EINTR);
+    if (n != 1 || ack != 'k')
         return -ECONNREFUSED;
-    }
-    close(s);
     return 0;
 }
 
@@ -176,13 +197,28 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
     struct uffdio_register reg;
     uint64_t features = 0, async_features = 0;
     int64_t offered;
-    int uffd, async_uffd = -1, rc, fds[3];
+    int s, uffd, async_uffd = -1, rc, fds[3];
+    uid_t peer_uid = 0;
+    char uid_text[16];
 
     if (!sock_path || !*sock_path)
         return;
     memset(&h, 0, sizeof h);
     if (!is_guest_ram(fd, len, flags, prot, h.path, sizeof h.path, &h.page_size))
         return;
+    /* Who listens is checked before anything is made for it: guest RAM is the guest's secrets. */
+    s = connect_engine(sock_path, &peer_uid);
+    if (s == -EPERM) {
+        snprintf(uid_text, sizeof uid_text, "%u", (unsigned)peer_uid);
+        warn_once("the listener on %s is uid %s, neither this process's user nor root: guest "
+                  "RAM not handed over, it runs untracked", sock_path, uid_text);
+        return;
+    }
+    if (s < 0) {
+        warn_once("no engine took guest RAM at %s (%s); guest RAM runs untracked", sock_path,
+                  strerror(-s));
+        return;
+    }
     offered = probe_features();
     uffd = offered < 0 ? (int)offered
            : !(offered & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) ? -ENOTSUP
@@ -190,6 +226,7 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
     if (uffd < 0) {
         warn_once("cannot create a userfaultfd (%s)%s; guest RAM runs untracked",
                   strerror(-uffd), "");
+        close(s);
         return;
     }
     reg.range.start = (uintptr_t)addr;
@@ -199,6 +236,7 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
         warn_once("cannot register guest RAM for write-protect (%s)%s; runs untracked",
                   strerror(errno), "");
         close(uffd);
+        close(s);
         return;
     }
     memcpy(h.magic, VMCKPT_HANDOFF_MAGIC, sizeof h.magic);
@@ -216,7 +254,8 @@ static void maybe_hand_off(void *addr, size_t len, int prot, int flags, int fd, 
                                &async_features);
     h.async_features = async_uffd >= 0 ? async_features : 0;
     fds[0] = uffd, fds[1] = fd, fds[2] = async_uffd;
-    rc = send_handoff(sock_path, fds, async_uffd >= 0 ? 3 : 2, &h);
+    rc = send_handoff(s, fds, async_uffd >= 0 ? 3 : 2, &h);
+    close(s);
     /* Closing our copies unregisters nothing while the engine holds the fds; if the handoff
      * failed it drops the registration, and the VMM runs on as if we were never here. */
     close(uffd);

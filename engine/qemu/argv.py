@@ -7,6 +7,7 @@ QEMU starts, with the options to use instead.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,30 @@ def parse_opts(text: str, implied: str) -> dict[str, str]:
         elif eq:
             out[key] = value
     return out
+
+
+def _qemu_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def object_opts(text: str) -> dict[str, str]:
+    """An -object's options, from `TYPE,k=v,...` or the JSON form libvirt writes
+    (`{"qom-type": TYPE, "k": v, ...}`); values as QEMU would spell them on a command line."""
+    if text.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as e:
+            raise QemuArgsError(f"-object {text} is not valid JSON: {e}") from None
+        if isinstance(parsed, dict):
+            return {str(k): _qemu_value(v) for k, v in parsed.items()}
+    return parse_opts(text, "qom-type")
+
+
+def is_on(value: str) -> bool:
+    """QEMU's spelling of a true boolean option."""
+    return value.lower() in ("on", "yes", "true", "y")
 
 
 def join_opts(opts: dict[str, str], implied: str) -> str:
@@ -117,7 +142,7 @@ def find_ram_backend(argv: Sequence[str]) -> RamBackend:
             f"{_howto(size_hint)}, or pass --add-memory-backend to let vmckpt add a memfd "
             "backend for -m")
     for index, value in _option_values(argv, "object"):
-        opts = parse_opts(value, "qom-type")
+        opts = object_opts(value)
         if opts.get("id") != backend_id:
             continue
         kind = opts.get("qom-type")
@@ -125,7 +150,8 @@ def find_ram_backend(argv: Sequence[str]) -> RamBackend:
             raise QemuArgsError(f"memory backend {backend_id} is {kind}; vmckpt tracks "
                                 f"memory-backend-memfd or a tmpfs memory-backend-file: use "
                                 f"{_howto(size_hint)}")
-        if opts.get("share") not in ("on", "yes", "true"):
+        # QEMU shares a memfd backend unless told share=off; a file backend only with share=on.
+        if not is_on(opts.get("share", "on" if kind == "memory-backend-memfd" else "off")):
             raise QemuArgsError(f"memory backend {backend_id} must be shared: add share=on "
                                 f"to its -object ({_howto(size_hint)})")
         if kind == "memory-backend-file":

@@ -1,9 +1,10 @@
 """Keeps a QEMU from staying paused if the engine dies inside a pause.
 
 Run as its own session (a kill of the engine's process group spares it). The engine writes
-`P` before it stops the guest and `R` after it resumed it; if the pipe closes after a `P`
-(the engine died mid-pause), the keeper connects to the QMP socket the engine held and sends
-`cont`. Any other end of the pipe just ends the keeper.
+`P` before it stops the guest and `R` after it resumed it (`S` once a pause found the guest
+already stopped: the user's to continue); if the pipe closes after a `P` (the engine died
+mid-pause), the keeper connects to the QMP socket the engine held and sends `cont`. Any other
+end of the pipe just ends the keeper.
 
     python -m vmckpt.engine.qemu.keeper QMP_SOCKET QEMU_PID
 """

@@ -87,7 +87,7 @@ class Qmp:
         try:
             return await self.client.execute(name, args or None)
         except ExecuteError as e:
-            raise QemuError(f"QEMU refused {name}: {e.error.desc}") from None
+            raise QemuError(f"QEMU refused {name}: {e}") from None  # str(): its desc
 
     async def send_fd(self, fd: int, name: str) -> None:
         """Gives QEMU a copy of fd under name (for `fd:name` migration URIs)."""
@@ -133,11 +133,19 @@ class Qmp:
         reader = asyncio.ensure_future(_read_to_eof(r))
         try:
             await self.cmd("migrate", uri="fd:vmckpt-out")
-        except QemuError:
-            await self.cmd("closefd", fdname="vmckpt-out")
+        except BaseException:
+            # No stream is coming, and no EOF either if QEMU took the fd before refusing
+            # (it keeps it open): waiting for one would hang the pause.
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            os.close(r)
+            with contextlib.suppress(QemuError):  # gone already if QEMU took it
+                await self.cmd("closefd", fdname="vmckpt-out")
             raise
-        finally:
+        try:
             data = await reader
+        finally:
             os.close(r)
         return data, asyncio.ensure_future(self.wait_migration())
 

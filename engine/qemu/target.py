@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Iterator, Sequence
 
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.targets.base import TargetGone, pid_alive
+
+log = logging.getLogger("vmckpt")
 
 
 def _exits(pid: int, within: float = 1.0) -> bool:
@@ -29,7 +32,9 @@ class QemuTarget:
     """Owns the engine's QMP connection to one QEMU.
 
     A keeper process (engine/qemu/keeper.py) continues the guest if the engine dies while the
-    guest is stopped, so a crash of the engine never leaves the VM paused.
+    guest is stopped, so a crash of the engine never leaves the VM paused. A VM that was not
+    running when a pause began (stopped by its user, started with -S, restored --paused) is
+    checkpointed as it is and left so: neither the engine nor the keeper continues it.
     """
 
     kind = "qemu"
@@ -40,21 +45,22 @@ class QemuTarget:
         self.argv = list(argv) if argv else None
         self._prepared: asyncio.Future[None] | None = None
         self._outcome: asyncio.Future[dict] | None = None
+        self._stopped_by_us = False  # this pause stopped a running guest: resume continues it
+        self._status = ""  # QEMU's run state when the pause began
+        # The device state of our last save and QEMU's figures for it: a VM that has not run
+        # since (run state postmigrate) cannot be migrated again, and its devices are the same.
+        self._saved: tuple[bytes, dict] | None = None
+        self._saving: bytes | None = None
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
     @classmethod
-    async def connect(cls, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
-                      name: str = "qemu", argv: Sequence[str] | None = None,
-                      timeout: float = 30.0) -> QemuTarget:
-        qmp = await Qmp.connect(qmp_path, timeout=timeout, pid=pid)
-        try:
-            await qmp.set_ignore_shared()
-        except BaseException:
-            await qmp.close()
-            raise
+    async def on(cls, qmp: Qmp, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
+                 name: str = "qemu", argv: Sequence[str] | None = None) -> QemuTarget:
+        """The target behind an open QMP connection (closed with the target)."""
+        await qmp.set_ignore_shared()
         return cls(qmp, qmp_path, pid, ram_length, name, argv)
 
     def _mark(self, state: bytes) -> None:
@@ -79,25 +85,54 @@ class QemuTarget:
             await self.qmp.cmd(name)
 
     async def pause(self) -> None:
-        self._mark(b"P")
-        await self._cmd("stop")
+        self._mark(b"P")  # before anything: the keeper must continue a guest we may stop
+        with self._failures("QMP stop"):
+            # Sent together: QMP answers a monitor's commands in order, so the status is the
+            # one just before our stop, at no extra round trip inside the pause. (qemu.qmp
+            # queues each command when its task first runs, and tasks run in creation order.)
+            status, _ = await asyncio.gather(self.qmp.cmd("query-status"),
+                                             self.qmp.cmd("stop"))
+        was = self._status
+        self._stopped_by_us = bool(status.get("running"))
+        self._status = status.get("status", "")
+        if not self._stopped_by_us:
+            self._mark(b"S")  # stopped by its user: nobody continues it but the user
+            if was in ("", "running"):
+                log.info("QEMU is not running (%s): checkpointed as it is and left stopped",
+                         self._status)
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
+            if self._status == "postmigrate":  # not running: a round trip more costs it nothing
+                return await self._unchanged_state()
             if self._prepared:
                 await self._prepared
             data, self._outcome = await self.qmp.save_device_state()
+        self._saving = data
         return data
 
+    async def _unchanged_state(self) -> bytes:
+        """The device state of a VM that has not run since our last save (QEMU refuses to
+        migrate it again; only cont leaves postmigrate), if that migration was ours."""
+        if self._saved and await self.qmp.cmd("query-migrate") == self._saved[1]:
+            return self._saved[0]
+        raise QemuError("QEMU is stopped after a migration vmckpt did not make (run state "
+                        "postmigrate) and cannot save its device state again until it runs: "
+                        "continue it (QMP cont)")
+
     async def resume(self) -> None:
-        await self._cmd("cont")
-        self._mark(b"R")
+        if self._stopped_by_us:
+            await self._cmd("cont")
+            self._stopped_by_us = False
+            self._mark(b"R")
 
     async def settle(self) -> None:
         outcome, self._outcome = self._outcome, None
         if outcome:  # the device-state save's outcome: a failed one fails the checkpoint
             with self._failures("saving device state"):
                 info = await outcome
+            if self._saving is not None:
+                self._saved, self._saving = (self._saving, info), None
             sent = info.get("ram", {}).get("total", 0)
             if sent >= self.ram_length:
                 raise QemuError(
