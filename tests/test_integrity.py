@@ -24,6 +24,8 @@ from vmckpt.storage import MapDelta, open_store, restore_image
 from vmckpt.storage.envelope import HEADER
 from vmckpt.storage.inspect import id_ranges
 
+pytestmark = pytest.mark.reliability
+
 CHECKPOINTS = 12
 FULL_EVERY = 4  # full maps at 1, 5, 9: damage in one chain leaves the others intact
 FAMILIES = ("pages", "records", "maps")

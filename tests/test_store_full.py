@@ -26,7 +26,8 @@ from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store, restore_image
 
-pytestmark = pytest.mark.skipif(not is_root(), reason="mounts a tmpfs (needs root)")
+pytestmark = [pytest.mark.reliability,
+              pytest.mark.skipif(not is_root(), reason="mounts a tmpfs (needs root)")]
 
 VMCKPT = [str(Path(sys.executable).with_name("vmckpt"))]
 # Unique pages written unpaced over 32 MiB: a 48 MiB filesystem is full within seconds.
