@@ -16,6 +16,7 @@ import uvloop
 from vmckpt.cli.units import CheckpointId, Duration, Size, parse_checkpoint, physical_ram
 from vmckpt.engine.cycle import ON_FULL, EngineOptions
 from vmckpt.engine.handoff import preload_path
+from vmckpt.engine.heap import bound_heap
 from vmckpt.engine.qemu.argv import QemuArgsError
 from vmckpt.engine.qemu.qmp import QemuError
 from vmckpt.engine.qemu.restore import RestoreError, restore_qemu
@@ -82,6 +83,7 @@ def engine_options(f: Callable) -> Callable:
         options = EngineOptions(interval=interval, copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=buffer_size, tracking=tracking,
                                 pre_arm=lead, priority=priority, on_full=on_full)
+        bound_heap()  # before the store and the tracker start their threads
         return f(options=options, **kw)
 
     for opt in reversed([

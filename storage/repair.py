@@ -25,7 +25,7 @@ from vmckpt.storage.inspect import as_ids, check_store, device_ids
 from vmckpt.storage.pagemap import ID_BYTES, MapDelta
 from vmckpt.storage.private import private_dir
 from vmckpt.storage.prune import PruneResult, plan
-from vmckpt.storage.rocks import CFS, RocksStore, _options, looks_like_store
+from vmckpt.storage.rocks import CFS, Budget, RocksStore, _options, looks_like_store
 
 COPY = 1024  # pages copied at a time
 
@@ -85,7 +85,9 @@ def staged(path: Path) -> tuple[Path, list[str]]:
     # A family with no table file left is not recreated: open once to add it back, empty.
     families = set(Rdict.list_cf(str(stage), Options(raw_mode=True)))
     if not set(CFS) <= families:
-        db = Rdict(str(stage), _options(), column_families={c: _options() for c in CFS})
+        budget = Budget()
+        db = Rdict(str(stage), _options(budget=budget),
+                   column_families={c: _options(budget=budget) for c in CFS})
         db.close()
     return stage, [name for name in lost if name.endswith(".sst")]
 

@@ -16,11 +16,13 @@ import numpy as np
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
+    Cache,
     DBCompressionType,
     Options,
     Rdict,
     ReadOptions,
     WriteBatch,
+    WriteBufferManager,
     WriteOptions,
 )
 from vmckpt.storage.envelope import BadEnvelope, seal, unseal
@@ -69,19 +71,43 @@ def _key(ckpt: int) -> bytes:
     return ckpt.to_bytes(ID_KEY, "big")
 
 
-def _options(*, paranoid: bool = True) -> Options:
+# RocksDB's memory, whatever the store's size or the run's length: memtables of every family
+# share one budget (writers stall on a flush past it) that is charged to one block cache,
+# which also holds the table files' index and filter blocks (held outside any cache by
+# default, they grow with the store).
+ROCKS_MEMORY = 128 << 20  # the block cache, memtables included
+MEMTABLES = 96 << 20  # of which memtables at most (smaller ingested a third slower)
+MEMTABLE = 32 << 20  # one memtable: a flush writes a table file about this size
+
+
+class Budget:
+    """One open's memory: the database and every family are given the same one."""
+
+    def __init__(self) -> None:
+        self.cache = Cache(ROCKS_MEMORY)
+        self.writes = WriteBufferManager.new_write_buffer_manager_with_cache(
+            MEMTABLES, True, self.cache)
+
+
+def _options(*, paranoid: bool = True, budget: Budget | None = None) -> Options:
+    """Options for the database or one family; an open gives them all one Budget."""
+    budget = budget or Budget()
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
     opts.create_missing_column_families(True)
     # Off only for readers: a damaged store still opens, so that what is intact can be read
     # and `vmckpt check` can say what is not. Reads verify block checksums either way.
     opts.set_paranoid_checks(paranoid)
-    opts.set_write_buffer_size(128 << 20)
+    opts.set_write_buffer_size(MEMTABLE)
     opts.set_max_write_buffer_number(4)
+    opts.set_write_buffer_manager(budget.writes)
     opts.increase_parallelism(2)
     opts.set_compression_type(DBCompressionType.lz4())
     table = BlockBasedOptions()
     table.set_bloom_filter(10, False)  # absent-page checks stay off the disk
+    table.set_block_cache(budget.cache)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     opts.set_block_based_table_factory(table)
     return opts
 
@@ -230,13 +256,15 @@ class RocksStore(PageStore):
         access = AccessType.read_only() if readonly else AccessType.read_write()
         attempts = OPEN_ATTEMPTS if readonly else 1
         while True:
-            opts = _options(paranoid=not readonly)
+            budget = Budget()
+            opts = _options(paranoid=not readonly, budget=budget)
             if not fresh:
                 opts.create_if_missing(False)
             shadow = shadow_of(self.path) if readonly else None
             try:
                 return Rdict(str(shadow or self.path), opts,
-                             column_families={c: _options(paranoid=not readonly) for c in CFS},
+                             column_families={c: _options(paranoid=not readonly, budget=budget)
+                                              for c in CFS},
                              access_type=access), shadow
             except Exception as e:
                 if shadow is not None:

@@ -8,9 +8,15 @@ HERE = Path(__file__).resolve().parent
 
 ffi = FFI()
 ffi.cdef((HERE / "tracker_cdef.h").read_text())
+ffi.cdef("""
+/* glibc's allocator knobs (malloc.h), for engine/heap.py. */
+#define M_ARENA_MAX ...
+#define M_MMAP_THRESHOLD ...
+int mallopt(int param, int value);
+""")
 ffi.set_source(
     "vmckpt.engine._native",
-    '#include "tracker.h"',
+    '#include <malloc.h>\n#include "tracker.h"',
     sources=["engine/native/tracker.c"],
     include_dirs=["engine/native"],
     libraries=["crypto", "pthread"],
