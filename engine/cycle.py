@@ -246,7 +246,7 @@ class Engine:
         if self.committed < 2 or self._pre:  # tracking is set up by the first two
             return
         t0 = time.perf_counter()
-        self.tracker.arm()
+        self.tracker.arm(paused=False)
         self.tracker.release()
         pre = _Copied()
         await asyncio.to_thread(self._drain, pre)

@@ -115,10 +115,11 @@ class Tracker:
             ("uint8_t", self._zero))]
         self._done = ffi.new("int *")
 
-    def arm(self) -> ArmStats:
-        """Call with the target paused: owed <- dirty, write-protect it, dirty <- {}."""
+    def arm(self, *, paused: bool = True) -> ArmStats:
+        """owed <- dirty, write-protect it, dirty <- {} (see trk_arm). A pre-arm, with the target
+        running, says paused=False."""
         st = ffi.new("struct trk_arm_stats *")
-        self._check(lib.trk_arm(self._t, st), "arming the checkpoint")
+        self._check(lib.trk_arm(self._t, int(paused), st), "arming the checkpoint")
         return ArmStats(st.units_owed, st.runs, st.faults, st.dirty_units, st.arm_ns,
                         st.copied_in_arm)
 

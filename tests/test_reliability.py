@@ -16,6 +16,7 @@ from test_qemu import VMCKPT, Run, assert_guest_runs_on
 pytestmark = pytest.mark.reliability
 
 
+@pytest.mark.timeout(3600)  # --full: 30 trials
 def test_engine_killed_at_random_moments_leaves_qemu_running_and_the_store_sound(tmp_path,
                                                                                  full):
     # 2 trials, 30 with --full. Each kill lands at a random moment after a random number of

@@ -28,6 +28,7 @@ struct batch {
     struct batch *next;
     int n;          /* pages filled */
     int hashed;     /* copier batches are hashed by the copier; fault batches by the collector */
+    int later;      /* a stop-and-copy batch: the collector hashes it */
     int pooled;     /* from the bounded pool, or allocated for an async stop-and-copy */
     uint64_t *pfns;
     uint8_t *ids;
@@ -44,6 +45,7 @@ struct trk {
     uint64_t nunits;
     uint32_t ppu;          /* 4 KiB pages per unit */
     int batch_pages;       /* pages per batch: a whole number of units */
+    uint64_t pool_batches; /* batches in the pool: --buffer */
     const uint8_t *ram;    /* our read-only view of guest RAM */
     int evfd;              /* wakes the fault thread to stop */
     atomic_int stopping;
@@ -62,7 +64,7 @@ struct trk {
     int async_on;        /* the range is on the async uffd (TRK_ASYNC after the first arm;
                             TRK_HYBRID between a drain and the next arm) */
     int released;        /* copiers may start on the owed set (q_lock) */
-    int stop_copy;       /* TRK_ASYNC arm: copiers copy into unpooled batches, unhashed (q_lock) */
+    int stop_copy;       /* TRK_ASYNC arm: copiers copy without waiting, unhashed (q_lock) */
 
     /* Batches, all from one pool of --buffer bytes, so the engine's memory does not grow with
      * the guest's writes. Copiers leave COW_RESERVE batches to the fault thread, which waits
@@ -200,18 +202,10 @@ static void bump_hist(struct trk *t, uint64_t ns)
     atomic_fetch_add_explicit(&t->hist[b < 48 ? b : 47], 1, memory_order_relaxed);
 }
 
-/* A batch for an async arm's stop-and-copy, outside the pool. */
-static struct batch *stop_copy_batch(struct trk *t)
-{
-    struct batch *b = batch_new(t->batch_pages, 0);
-    if (!b)
-        abort(); /* out of memory: dying drops the uffd, the guest runs on */
-    return b;
-}
-
 /* Pool accounting (q_lock held). */
 static void pool_put(struct trk *t, struct batch *b)
 {
+    b->later = 0;
     q_push(&t->free_pool, b);
     t->free_n++;
     /* the fault thread and copiers wait on q_free for different counts: wake them all */
@@ -223,6 +217,19 @@ static struct batch *pool_get(struct trk *t)
     struct batch *b = q_pop(&t->free_pool);
     if (b)
         t->free_n--;
+    return b;
+}
+
+/* A batch for an async arm's stop-and-copy (q_lock held): from the pool, which holds the whole
+ * written set when the arm chose to copy it (async_fits); outside it only if that estimate was
+ * short, since nothing frees a batch before the copy ends. Hashed later, by the collector: the
+ * target is paused meanwhile. */
+static struct batch *stop_copy_batch(struct trk *t)
+{
+    struct batch *b = pool_get(t);
+    if (!b && !(b = batch_new(t->batch_pages, 0)))
+        abort(); /* out of memory: dying drops the uffd, the guest runs on */
+    b->later = 1;
     return b;
 }
 
@@ -391,9 +398,8 @@ static struct batch *take_batch(struct trk *t)
     return b;
 }
 
-/* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over. During
- * an async arm's stop-and-copy the batches are unpooled (the whole written set must be copied
- * before the guest resumes, whatever the pool holds) and hashed later, by the collector. */
+/* A copier: claim owed units in order, copy them into a pooled batch, hash, hand over (during
+ * an async arm's stop-and-copy, see stop_copy_batch). */
 static void *copier_main(void *arg)
 {
     struct trk *t = arg;
@@ -401,8 +407,8 @@ static void *copier_main(void *arg)
 
     while ((b = take_batch(t))) {
         fill_batch(t, b);
-        b->hashed = b->pooled;
-        if (b->pooled)
+        b->hashed = !b->later;
+        if (b->hashed)
             trk_hash_pages(b->data, b->n, b->ids, b->zero);
 
         pthread_mutex_lock(&t->q_lock);
@@ -425,8 +431,8 @@ static void owe(struct trk *t, uint64_t n)
         atomic_store_explicit(&t->st[t->owed[i]], ST_OWED, memory_order_relaxed);
 }
 
-/* An async arm's stop-and-copy of t->owed[0..n): the copiers and this thread together, into
- * unpooled batches; returns when every unit is copied. */
+/* An async arm's stop-and-copy of t->owed[0..n): the copiers and this thread together;
+ * returns when every unit is copied. */
 static void stop_and_copy(struct trk *t, uint64_t n)
 {
     owe(t, n);
@@ -567,10 +573,10 @@ static int move_range(struct trk *t, int from, int to)
     return trk_wp_range(to, r.start, r.len, 1);
 }
 
-/* Marks t->owed[0..n) dirty (the written set of a scan joins the fault-dirtied set). */
-static void mark_dirty(struct trk *t, uint64_t n)
+/* Marks t->owed[from..to) dirty (the written set of a scan joins the fault-dirtied set). */
+static void mark_dirty(struct trk *t, uint64_t from, uint64_t to)
 {
-    for (uint64_t i = 0; i < n; i++) {
+    for (uint64_t i = from; i < to; i++) {
         uint64_t u = t->owed[i];
         if (!(t->dirty[u / 64] & (1ull << (u % 64)))) {
             t->dirty[u / 64] |= 1ull << (u % 64);
@@ -594,10 +600,18 @@ static uint64_t take_dirty(struct trk *t)
     return n;
 }
 
-int trk_arm(trk_t *t, struct trk_arm_stats *st)
+/* Units a stop-and-copy can take from the pool, every batch of which is free at an arm: the
+ * copiers and the arming thread each leave at most one batch part-filled. */
+static uint64_t pool_units(struct trk *t)
+{
+    uint64_t spare = (uint64_t)t->cfg.copiers + 1;
+    return t->pool_batches > spare ? (t->pool_batches - spare) * (t->batch_pages / t->ppu) : 0;
+}
+
+int trk_arm(trk_t *t, int paused, struct trk_arm_stats *st)
 {
     uint64_t t0 = now_ns(), n = 0;
-    int rc = 0;
+    int rc = 0, kept = 0;
 
     memset(st, 0, sizeof *st);
     pthread_mutex_lock(&t->q_lock);
@@ -617,40 +631,51 @@ int trk_arm(trk_t *t, struct trk_arm_stats *st)
         owe(t, n);
         rc = trk_wp_range(t->cfg.uffd, t->cfg.target_base, t->cfg.length, 1);
         st->runs = 1;
-    } else if (t->cfg.tracking == TRK_ASYNC) {
-        /* The written set, copied now while the target is paused; nothing is left owed. */
-        if (t->async_on) {
-            rc = scan_written(t, &n);
-        } else {
-            n = take_dirty(t); /* written under the sync uffd since the first arm */
-            rc = move_range(t, t->cfg.uffd, t->cfg.async_uffd);
-        }
-        st->runs = 1;
-        if (!rc)
-            stop_and_copy(t, n);
-        st->copied_in_arm = n;
+    } else if (t->async_on && (rc = scan_written(t, &n))) {
+        /* the written set is unknown: nothing is armed */
     } else {
-        /* owed <- dirty; dirty <- {}; protect the owed set. TRK_HYBRID after a switch: the
-         * written set of the async period joins the dirty set (faults before the switch), and
-         * the range moves back onto the sync uffd, all of it protected: the owed set for
-         * copy-on-write, the rest so that its first write is recorded. */
-        int moved = 0;
-        if (t->async_on) {
-            rc = scan_written(t, &n);
-            mark_dirty(t, n);
-            if (!rc)
-                rc = move_range(t, t->cfg.async_uffd, t->cfg.uffd);
-            moved = 1;
+        if (t->async_on)
+            mark_dirty(t, 0, n); /* the scan re-protected what it reported */
+        if (t->cfg.tracking == TRK_ASYNC && (t->async_on || paused) &&
+            (t->dirty_units <= pool_units(t) || !paused)) {
+            /* The written set, copied now, from the pool (so within --buffer); nothing is
+             * left owed. A pre-arm (the target running) copies what the pool holds and
+             * leaves the rest dirty for the pause's arm: a running target's range cannot
+             * move between uffds, and a page written after its copy is copied again. A larger
+             * set at the pause is drained as under TRK_WP (below). */
+            uint64_t all = take_dirty(t), fits = pool_units(t);
+            n = paused || all < fits ? all : fits;
+            st->dirty_units = all;
+            t->dirty_units = 0;
+            mark_dirty(t, n, all);
+            kept = 1;
+            if (!t->async_on)
+                rc = move_range(t, t->cfg.uffd, t->cfg.async_uffd);
             st->runs = 1;
+            if (!rc && n)
+                stop_and_copy(t, n);
+            st->copied_in_arm = n;
+        } else {
+            /* owed <- dirty; dirty <- {}; protect the owed set. After async tracking
+             * (TRK_HYBRID after a switch, TRK_ASYNC with a written set larger than the pool)
+             * the range moves back onto the sync uffd, all of it protected: the owed set for
+             * copy-on-write, the rest so that its first write is recorded. */
+            int moved = t->async_on;
+            if (moved) {
+                rc = move_range(t, t->cfg.async_uffd, t->cfg.uffd);
+                st->runs = 1;
+            }
+            n = take_dirty(t);
+            owe(t, n);
+            if (!moved)
+                rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit,
+                                  &st->runs);
         }
-        n = take_dirty(t);
-        owe(t, n);
-        if (!moved)
-            rc = trk_wp_units(t->cfg.uffd, t->cfg.target_base, t->owed, n, t->cfg.unit,
-                              &st->runs);
     }
-    st->dirty_units = t->dirty_units;
-    t->dirty_units = 0;
+    if (!kept) {
+        st->dirty_units = t->dirty_units;
+        t->dirty_units = 0;
+    }
     st->faults = atomic_load(&t->faults) - t->faults_at_arm;
     t->faults_at_arm = atomic_load(&t->faults);
     st->units_owed = n;
@@ -831,6 +856,7 @@ trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen)
     nbatches = cfg->buffer_bytes / ((uint64_t)t->batch_pages * TRK_PAGE);
     if (nbatches < (uint64_t)cfg->copiers + COW_RESERVE)
         nbatches = (uint64_t)cfg->copiers + COW_RESERVE;
+    t->pool_batches = nbatches;
     for (uint64_t i = 0; i < nbatches; i++) {
         struct batch *b = batch_new(t->batch_pages, 1);
         if (!b) {

@@ -56,7 +56,7 @@ struct trk_stats {            /* counts since trk_create */
 typedef struct trk trk_t;
 
 trk_t *trk_create(const struct trk_config *cfg, char *err, size_t errlen);
-int trk_arm(trk_t *t, struct trk_arm_stats *st);
+int trk_arm(trk_t *t, int paused, struct trk_arm_stats *st);
 /* Lets the copiers start on the armed checkpoint: after the target resumed, so that they do
  * not take CPU from what the pause is waiting for (QEMU saving its device state). Faults are
  * served (copy-on-write included) from trk_arm on, released or not. */
