@@ -233,10 +233,11 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    target_gone = False
     try:
         await engine.run(stop, max_checkpoints)
     except TargetGone:
-        pass
+        target_gone = True
     except StoreError:
         detach_on_exit = True
         raise
@@ -247,7 +248,12 @@ async def checkpoint_program(prog: TrackedProgram, store: PageStore, options: En
         if control:
             await control.close()
         await prog.untrack()  # the program runs on untracked from here
+        gone = not prog.proc and (target_gone or exited.done() and not exited.cancelled())
         status = await _let_go(prog, exited, detach_on_exit or engine.gave_up)
+    if gone:  # not our child: how it ended (exit, kill -9) is its parent's to know
+        last = (f"the last committed checkpoint is {engine.parent}" if engine.committed
+                else "no checkpoint was committed in this run")
+        log.warning("%s (pid %d) has gone; %s", prog.target.name, prog.pid, last)
     return status
 
 

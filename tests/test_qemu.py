@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -260,6 +261,36 @@ def test_serve_checkpoints_a_qemu_started_by_someone_else(tmp_path):
         if qemu:
             qemu.kill()
             qemu.wait()
+
+
+def test_serve_says_when_its_qemu_is_killed(tmp_path):
+    # serve used to exit silently when the QEMU it served was killed.
+    store, sock, qmp = tmp_path / "store", tmp_path / "engine.sock", tmp_path / "qmp.sock"
+    serve = subprocess.Popen([VMCKPT, "serve", "--store", str(store), "--socket", str(sock),
+                              "--qmp", str(qmp), "--interval", "0.3s"],
+                             stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "VMCKPT_SOCKET": str(sock),
+           "LD_PRELOAD": vmckpt("preload-path").stdout.strip()}
+    qemu = None
+    try:
+        wait_for(sock.exists, 30, "vmckpt serve to listen")
+        qemu = subprocess.Popen([*qemu_argv(mem="128M", serial="none"),
+                                 "-qmp", f"unix:{qmp},server=on,wait=off"], env=env)
+        wait_for(lambda: store.exists() and last_id(store) >= 2, 60, "two checkpoints")
+        qemu.kill()
+        qemu.wait()
+        _, err = serve.communicate(timeout=60)
+        last = last_id(store)
+        assert f"has gone; the last committed checkpoint is {last}" in err, err
+    finally:
+        serve.kill()
+        if qemu and qemu.poll() is None:
+            qemu.kill()
+
+
+def last_id(store: Path) -> int:
+    r = vmckpt("ls", "--json", "--store", str(store))
+    return max((c["id"] for c in json.loads(r.stdout or "[]")), default=0)
 
 
 def test_refuses_a_qemu_whose_device_state_carries_guest_ram(tmp_path):

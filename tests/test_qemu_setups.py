@@ -1,7 +1,7 @@
 """QEMU set-ups beyond the test guest's own, on a real QEMU (TCG, small guests that need not
-boot): which RAM is tracked when a shared pc-dimm backend comes before the machine's, a VM its
-user keeps stopped (and a device-state save QEMU refuses), and memfd backends without share=
-(QEMU shares them by default), also in the JSON -object syntax libvirt writes."""
+boot): which RAM is tracked when a shared pc-dimm backend comes before the machine's, a VM (or
+a program) its user keeps stopped, a device-state save QEMU refuses, and memfd backends without
+share= (QEMU shares them by default), also in the JSON -object syntax libvirt writes."""
 
 from __future__ import annotations
 
@@ -13,15 +13,20 @@ import signal
 import subprocess
 import sys
 import tempfile
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from test_crash import proc_state
+from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.handoff import GuestRam
 from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.ram import RamMismatch, machine_ram
 from vmckpt.engine.qemu.testguest import qemu_argv
+from vmckpt.engine.session import TrackedProgram
+from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store
 
@@ -269,3 +274,30 @@ def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
     finally:
         engine.kill()
         engine.wait()
+
+
+def test_a_stopped_program_stays_stopped_while_it_is_checkpointed(tmp_path):
+    # The process target's pause is SIGSTOP, its resume SIGCONT: a program the user had
+    # stopped (kill -STOP) was continued by the first checkpoint, and by the keeper at exit.
+    async def go() -> list[str]:
+        async with await TrackedProgram.start(
+                synth("--size", "16M", "--fill", "0.5", "--rate", "1000", "--seed", "5"),
+                tmp_path / "s.sock", copiers=1, min_ram=4 << 20, stdout=PIPE) as prog:
+            assert (await prog.proc.stdout.readline()).startswith(b"READY")
+            pid = prog.proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.2)
+            with open_store(tmp_path / "store", create=True) as store:
+                engine = Engine(prog.target, prog.tracker, store,
+                                EngineOptions(copiers=1, pre_arm=0.0))
+                states = []
+                for _ in range(3):
+                    await engine.checkpoint()
+                    states.append(proc_state(pid))
+            await prog.target.close()
+            await asyncio.sleep(0.2)
+            states.append(proc_state(pid))
+            os.kill(pid, signal.SIGCONT)
+            return states
+
+    assert asyncio.run(go()) == ["T"] * 4

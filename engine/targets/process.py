@@ -27,7 +27,8 @@ class ProcessTarget:
     """SIGSTOP is asynchronous: pause() waits until every thread of the process has stopped.
 
     A keeper process (a shell blocked on a pipe from us) sends SIGCONT if the engine dies, so a
-    crash of the engine inside the pause never leaves the guest stopped.
+    crash of the engine inside the pause never leaves the guest stopped. A process the user had
+    stopped stays stopped: resume() and close() leave it as they found it.
     """
 
     kind = "process"
@@ -38,8 +39,11 @@ class ProcessTarget:
         self.name = name or Path(f"/proc/{pid}/comm").read_text().strip()
         self.argv = list(argv) if argv else None
         self.stop_timeout = stop_timeout
+        self._paused = False  # stopped by pause(), not yet resumed
+        # EOF (the engine died) continues the process; "leave" (a clean close) does not.
         self._keeper = subprocess.Popen(
-            ["sh", "-c", 'trap "" INT TERM HUP; read _; kill -CONT "$0" 2>/dev/null', str(pid)],
+            ["sh", "-c", 'trap "" INT TERM HUP; read how; [ "$how" = leave ] || '
+             'kill -CONT "$0" 2>/dev/null', str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -51,26 +55,36 @@ class ProcessTarget:
             raise TargetGone(f"process {self.pid} exited") from None
 
     async def pause(self) -> None:
+        if _all_stopped(self.pid):
+            return  # the user stopped it: nothing to pause, nor to resume
         self._signal(signal.SIGSTOP)
+        self._paused = True
         deadline = time.monotonic() + self.stop_timeout
         # Busy-wait: a stop takes tens of microseconds and every one of them is pause time.
         while not _all_stopped(self.pid):
             if not Path(f"/proc/{self.pid}").exists():
                 raise TargetGone(f"process {self.pid} exited")
             if time.monotonic() > deadline:
-                self._signal(signal.SIGCONT)
+                await self.resume()
                 raise TimeoutError(f"process {self.pid} did not stop in {self.stop_timeout} s")
 
     async def extra_state(self) -> bytes | None:
         return None
 
     async def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+        if self._paused:
+            self._paused = False
+            self._signal(signal.SIGCONT)
 
     async def settle(self) -> None:
         pass
 
     async def close(self) -> None:
-        if self._keeper.stdin:
-            self._keeper.stdin.close()  # the keeper sends a harmless SIGCONT and exits
+        if self._keeper.stdin and not self._keeper.stdin.closed:
+            try:
+                if not self._paused:
+                    self._keeper.stdin.write(b"leave\n")
+                self._keeper.stdin.close()
+            except BrokenPipeError:
+                pass
         self._keeper.wait()
