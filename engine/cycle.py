@@ -17,9 +17,8 @@ from vmckpt.storage import MapDelta, PageMap, PageStore, StoreFull, put_blob
 log = logging.getLogger("vmckpt")
 
 # The default pre-arm lead: this, or a quarter of a shorter interval. On the QEMU test guest it
-# takes the write-protect of most of the dirty set out of the pause (pause p50 11.7 -> 8.1 ms at
-# 1 s, `vmckpt bench qemu`, 2026-12-01), and it did not slow the write-heavy synthetic guest
-# (`vmckpt bench interval`): see the README's results.
+# takes the write-protect of most of the dirty set out of the pause (the arm's share of the
+# pause, wp against the default: `vmckpt bench qemu`, the README's table from its JSON).
 PRE_ARM_AUTO = 0.1
 ON_FULL = ("wait", "stop")
 # While the store is full (--on-full wait): the first look for space this long after the drop,
@@ -103,8 +102,7 @@ class Engine:
         t1 = time.perf_counter()
         try:
             # Arm, then the extra state, one after the other: on two cores, arming in a thread
-            # while QEMU saved its devices made both slower (pause median 15.7 vs 10.5 ms,
-            # measured side by side on the QEMU test guest).
+            # while QEMU saves its devices leaves them competing for the same two CPUs.
             arm, arm_secs = self._arm()
             t_arm = time.perf_counter()
             extra = await self.target.extra_state()
@@ -200,7 +198,7 @@ class Engine:
         t0 = time.perf_counter()
         await self.target.pause()
         try:
-            move = self.tracker.to_async()  # ~10 ms per 256 MiB: not worth a thread hop
+            move = self.tracker.to_async()  # recorded as switch_move: short, not worth a thread hop
         finally:
             await self.target.resume()
         t1 = time.perf_counter()

@@ -266,6 +266,8 @@ async def _let_go(prog: TrackedProgram, exited: asyncio.Future[int], detach: boo
     if prog.proc and not exited.done():
         with contextlib.suppress(ProcessLookupError):  # it may be exiting on its own
             prog.proc.terminate()
+        status = await exited
+        return 0 if status == -signal.SIGTERM else status  # it ended as we asked
     return await exited
 
 

@@ -34,7 +34,7 @@ def store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("args") / "store"
     r = vmckpt("run", "--store", str(path), "--interval", "0.2s", "--max-checkpoints", "2",
                "--min-ram", "4M", "--", *GUEST)
-    assert r.returncode in (0, 143), r.stderr
+    assert r.returncode == 0, r.stderr
     return path
 
 
@@ -105,7 +105,7 @@ def test_unusual_but_valid_values_are_taken(tmp_path):
     r = vmckpt("run", "--store", str(store), "--interval", "1h", "--max-checkpoints", "1",
                "--buffer", "32MiB", "--min-ram", "4096K", "--attach-timeout", "1m",
                "--pre-arm", "0", "--", *GUEST)
-    assert r.returncode in (0, 143), r.stderr
+    assert r.returncode == 0, r.stderr
     listed = json.loads(vmckpt("ls", "--store", str(store), "--json").stdout)
     assert [c["id"] for c in listed] == [1]
     assert listed[0]["strategy"]["pre_arm"] == 0

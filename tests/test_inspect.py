@@ -62,7 +62,7 @@ def run_synth(store: Path, checkpoints: int = CHECKPOINTS) -> None:
     r = vmckpt("run", "--store", str(store), "--interval", "0.2s", "--max-checkpoints",
                str(checkpoints), "--min-ram", "4M", "--",
                *synth("--size", "16M", "--rate", "5000", "--dup", "0.3", "--zero", "0.1"))
-    assert r.returncode in (0, -15, 143), r.stderr
+    assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -239,7 +239,7 @@ def test_prune_and_gc_while_an_engine_commits(tmp_path):
     finally:
         engine.send_signal(signal.SIGINT)  # the checkpoint in flight is committed
         _, err = engine.communicate(timeout=60)
-    assert engine.returncode in (0, -15, 143), err
+    assert engine.returncode == 0, err
     assert not (store / "control.sock").exists()
     r = vmckpt("check", "--store", str(store), "--read-data")
     assert r.returncode == 0 and r.stdout.startswith("sound:"), r.stdout

@@ -558,8 +558,8 @@ static int scan_written(struct trk *t, uint64_t *n)
  *   PAGEMAP_SCAN reports every page as written: nothing of the old protection survives, so the
  *   whole range is protected again here, and a write between the unregister and that protect
  *   would be seen by neither uffd (hence the pause);
- * - unregister and protect-all each cost ~10 ms per 256 MiB fully populated (~28 ms per GiB),
- *   ~3 ms per 256 MiB half populated.
+ * - unregister and protect-all take time with the populated size (a hybrid record's
+ *   switch_move is the whole move).
  * After the protect-all a PAGEMAP_SCAN with PM_SCAN_WP_MATCHING reports exactly the pages
  * written since (never-touched ones included). */
 static int move_range(struct trk *t, int from, int to)
