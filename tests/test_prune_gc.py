@@ -322,5 +322,7 @@ def test_store_locked_by_a_program_that_does_not_answer(small, tmp_path):
     # The stale socket file bothers neither RocksDB nor the commands.
     assert json.loads(ok("stats", "--store", str(copy), "--json").stdout)["checkpoints"] == 3
     assert not as_json("prune", "--store", str(copy), "--keep-last", "1")["forwarded"]
-    assert as_json("gc", "--store", str(copy))["pages_freed"] > 0
+    # (Whether the pruned checkpoints held pages nothing else does depends on how much the
+    # guest wrote under the machine's load: gc is asked to run here, not to free.)
+    assert not as_json("gc", "--store", str(copy))["forwarded"]
     assert vmckpt("check", "--store", str(copy), "--read-data").returncode == 0
