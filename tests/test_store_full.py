@@ -248,7 +248,7 @@ def test_on_full_wait_resumes_once_there_is_space(small_fs, tmp_path, caplog, tr
 
     with caplog.at_level(logging.INFO, logger="vmckpt"):
         status, done = asyncio.run(go())
-    assert status == -signal.SIGTERM  # the guest ran until the run ended it
+    assert status == 0  # alive until the run ended it (asserted above): ended as asked
     assert done >= 1
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot take more" in m for m in messages) == 1, messages
