@@ -1,7 +1,9 @@
-"""Runs `vmckpt run`'s engine on a program and saves guest RAM at every pause into REFDIR.
+"""Runs `vmckpt run`'s engine on a program and saves the SHA-256 of guest RAM at every pause
+into REFDIR (N.sha256).
 
-The crash test kills this process with SIGKILL; the saved references tell what each
-checkpoint that made it into the store must restore to.
+The crash tests kill this process with SIGKILL; the saved references tell what each
+checkpoint that made it into the store must restore to. VMCKPT_TEST_INTERVAL sets the
+interval (seconds, default 0.05).
 
 Test-only hold: with VMCKPT_TEST_HOLD=PHASE:N the engine stops for good at that point of
 checkpoint N, after printing `HELD PHASE N`, so that a kill lands exactly there:
@@ -9,12 +11,16 @@ checkpoint N, after printing `HELD PHASE N`, so that a kill lands exactly there:
   drain      in the drain (its pre-arm's or its own), at its first batch into the store
   commit     drained, at the commit, before its record is written
   committed  after the commit returned
+With VMCKPT_TEST_HOLD_ON_SIGNAL=1, N counts from the first pause after SIGUSR1 (a QEMU guest
+is held once it has booted, whatever its boot took).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -55,12 +61,20 @@ def main() -> None:
     store_path, refdir, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     phase, _, n = os.environ.get("VMCKPT_TEST_HOLD", ":0").partition(":")
     assert phase in PHASES or not phase, phase
-    seen = 0
+    seen, base = 0, None if os.environ.get("VMCKPT_TEST_HOLD_ON_SIGNAL") else 0
+
+    def arm(*_: object) -> None:
+        nonlocal base
+        base = seen if base is None else base
+
+    signal.signal(signal.SIGUSR1, arm)
 
     def hold(at: str, ckpt: int) -> None:
         # A drain from checkpoint n on: a checkpoint may copy nothing at all (the guest has not
         # started writing yet), and its drain then never reaches the store. HELD says which.
-        if at == phase and (ckpt == int(n) or at == "drain" and ckpt > int(n)):
+        if base is None or at != phase:
+            return
+        if ckpt == base + int(n) or at == "drain" and ckpt > base + int(n):
             print(f"HELD {at} {ckpt}", flush=True)
             threading.Event().wait()  # until the test's SIGKILL
 
@@ -68,8 +82,8 @@ def main() -> None:
         nonlocal seen
         seen += 1
         tmp = refdir / f".{seen}"
-        tmp.write_bytes(engine.tracker.ram_view())
-        os.rename(tmp, refdir / f"{seen}.ref")
+        tmp.write_bytes(hashlib.sha256(engine.tracker.ram_view()).digest())
+        os.rename(tmp, refdir / f"{seen}.sha256")
         hold("pause", seen)
 
     def hook(engine: Engine) -> None:
@@ -79,7 +93,8 @@ def main() -> None:
     async def go() -> None:
         with open_store(store_path, create=True) as store:
             print("STARTED", flush=True)
-            await run_program(argv, store, EngineOptions(interval=0.05, copiers=2),
+            await run_program(argv, store, EngineOptions(
+                interval=float(os.environ.get("VMCKPT_TEST_INTERVAL", "0.05")), copiers=2),
                               on_engine=hook, min_ram=4 << 20, detach_on_exit=True)
 
     asyncio.run(go())

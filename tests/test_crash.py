@@ -6,6 +6,7 @@ is hit, at checkpoints drawn at random."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import select
@@ -21,6 +22,7 @@ from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 HERE = Path(__file__).parent
+VMCKPT = str(Path(sys.executable).with_name("vmckpt"))
 
 # What the store holds after a kill held at checkpoint n: only whole checkpoints, and every
 # one committed before the kill.
@@ -73,26 +75,60 @@ def test_kill_engine_in_every_phase(tmp_path, phase, full):
         kill_held(tmp_path / f"t{trial}", phase, rng.randint(2, 8), seed=trial)
 
 
-def kill_held(tmp: Path, phase: str, held_at: int, seed: int) -> None:
-    """Runs the engine until it holds in phase at checkpoint held_at, kills it there, then
-    checks the guest runs on and the store holds exactly the checkpoints committed before."""
-    store, refs, report = tmp / "store", tmp / "refs", tmp / "report"
+def start_held(tmp: Path, argv: list[str], phase: str, held_at: int,
+               **env: str) -> tuple[subprocess.Popen, Path]:
+    """tests/engine_with_refs.py on argv, to hold in phase at checkpoint held_at."""
+    store, refs = tmp / "store", tmp / "refs"
     refs.mkdir(parents=True)
     engine = subprocess.Popen(
-        [sys.executable, str(HERE / "engine_with_refs.py"), str(store), str(refs),
-         *synth("--size", "16M", "--fill", "0.5", "--rate", "100000", "--partial", "0.3",
-                "--zero", "0.1", "--dup", "0.1", "--report", str(report), "--seed", str(seed))],
+        [sys.executable, str(HERE / "engine_with_refs.py"), str(store), str(refs), *argv],
         # Unbuffered: read_line selects on the pipe, and a line already read into a buffer
         # behind another (the guest writes there too) would never wake it.
         stdout=subprocess.PIPE, bufsize=0,
-        env={**os.environ, "VMCKPT_TEST_HOLD": f"{phase}:{held_at}"})
+        env={**os.environ, **env, "VMCKPT_TEST_HOLD": f"{phase}:{held_at}"})
+    assert read_line(engine, b"STARTED") == b"STARTED\n"
+    return engine, refs
+
+
+def wait_held(engine: subprocess.Popen, phase: str) -> int:
+    """The checkpoint the engine holds at, in phase: a later one than asked for a drain when
+    the one asked for copied nothing."""
+    _, at, ckpt = read_line(engine, b"HELD").split()
+    assert at.decode() == phase
+    return int(ckpt)
+
+
+def check_store(tmp: Path, refs: Path, phase: str, held_at: int, newest: int = 0) -> None:
+    """The store holds exactly the checkpoints committed before the kill, each one (or the
+    newest few) the guest's RAM at its pause, and `vmckpt check --read-data` finds it sound."""
+    store = tmp / "store"
+    with open_store(store) as s:
+        records = s.list_checkpoints()
+        assert [r["id"] for r in records] == list(range(1, held_at + COMMITTED[phase] + 1)), \
+            (phase, held_at)
+        for rec in records[-newest:]:
+            restore_image(s, rec["id"], tmp / "img")
+            got = hashlib.sha256((tmp / "img").read_bytes()).digest()
+            assert got == (refs / f"{rec['id']}.sha256").read_bytes(), rec["id"]
+    check = subprocess.run([VMCKPT, "check", "--read-data", "--store", str(store)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.startswith("sound"), check
+
+
+def kill_held(tmp: Path, phase: str, held_at: int, seed: int) -> None:
+    """Runs the engine until it holds in phase at checkpoint held_at, kills it there, then
+    checks the guest runs on and the store holds exactly the checkpoints committed before."""
+    report = tmp / "report"
+    engine, refs = start_held(
+        tmp, synth("--size", "16M", "--fill", "0.5", "--rate", "100000", "--partial", "0.3",
+                   "--zero", "0.1", "--dup", "0.1", "--report", str(report), "--seed",
+                   str(seed)), phase, held_at)
     try:
-        assert read_line(engine, b"STARTED") == b"STARTED\n"
         guest = guest_pid(engine.pid)
         # The kill lands while the engine waits in that phase of that checkpoint.
-        _, at, ckpt = read_line(engine, b"HELD").split()
-        assert at.decode() == phase and int(ckpt) >= held_at
-        held_at = int(ckpt)  # a later one for a drain, when checkpoint held_at copied nothing
+        held = wait_held(engine, phase)
+        assert held >= held_at
+        held_at = held
         if phase == "pause":
             assert proc_state(guest) == "T", "the guest runs inside the pause"
     finally:
@@ -106,10 +142,4 @@ def kill_held(tmp: Path, phase: str, held_at: int, seed: int) -> None:
         wait_for(lambda: report.stat().st_size > before, "the guest stopped making progress")
     finally:
         os.kill(guest, signal.SIGKILL)
-    with open_store(store) as s:
-        records = s.list_checkpoints()
-        assert [r["id"] for r in records] == list(range(1, held_at + COMMITTED[phase] + 1)), \
-            (phase, held_at)
-        for rec in records:
-            restore_image(s, rec["id"], tmp / "img")
-            assert (tmp / "img").read_bytes() == (refs / f"{rec['id']}.ref").read_bytes()
+    check_store(tmp, refs, phase, held_at)

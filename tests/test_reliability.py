@@ -1,19 +1,73 @@
-"""The reliability suite's QEMU part: kill -9 of the engine at random moments of a real guest's
-checkpointing. The rest of the suite: tests/test_crash.py (kills held in every phase on the
-synthetic guest), the corruption matrix, full disks and the decoder fuzzing, all marked
-`reliability`: `.venv/bin/pytest -m reliability [--full]`."""
+"""The reliability suite's QEMU part: kill -9 of the engine held in every phase of a real
+guest's checkpointing, and at random moments. The rest of the suite: tests/test_crash.py
+(kills held in every phase on the synthetic guest), the corruption matrix, full disks and the
+decoder fuzzing, all marked `reliability`: `.venv/bin/pytest -m reliability [--full]`."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from test_qemu import VMCKPT, Run, assert_guest_runs_on
+from engine_with_refs import PHASES
+from qemu.qmp.legacy import QEMUMonitorProtocol
+from test_crash import check_store, start_held, wait_held
+from test_qemu import VMCKPT, Run, assert_guest_runs_on, last_tick, wait_for
+from vmckpt.engine.qemu.testguest import qemu_argv
 
 pytestmark = pytest.mark.reliability
+
+
+def qemu_status(qmp: Path) -> dict:
+    """query-status through the test's own QMP socket (the engine has its own)."""
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        return monitor.cmd("query-status")
+    finally:
+        monitor.close()
+
+
+@pytest.mark.timeout(1800)  # --full: 5 kills a phase
+@pytest.mark.parametrize("phase", PHASES)
+def test_engine_killed_held_in_every_phase_on_a_qemu_guest(tmp_path, phase, full):
+    # The engine holds once the guest has booted and rewrites its working set (SIGUSR1), in
+    # phase of a checkpoint drawn at random; the kill lands there. Inside the pause QEMU is
+    # stopped; after the kill the keeper has continued it and it counts on.
+    rng = random.Random(f"qemu-held-{phase}")
+    for trial in range(5 if full else 1):
+        kill_held_qemu(tmp_path / f"t{trial}", phase, rng.randint(1, 4))
+
+
+def kill_held_qemu(tmp: Path, phase: str, held_at: int) -> None:
+    log, pidfile, qmp = tmp / "serial.log", tmp / "qemu.pid", tmp / "user.qmp"
+    argv = [*qemu_argv(mem="128M", work="dirty", rate=5000, mb=48, serial=f"file:{log}"),
+            "-pidfile", str(pidfile), "-qmp", f"unix:{qmp},server=on,wait=off"]
+    engine, refs = start_held(tmp, argv, phase, held_at,
+                              VMCKPT_TEST_INTERVAL="0.3", VMCKPT_TEST_HOLD_ON_SIGNAL="1")
+    try:
+        wait_for(lambda: last_tick(log) >= 1, 120, "the guest to boot")
+        engine.send_signal(signal.SIGUSR1)
+        held_at = wait_held(engine, phase)
+        if phase == "pause":
+            # Stopped, its device state saved (a migration to a file: "postmigrate").
+            assert not qemu_status(qmp)["running"]
+    finally:
+        engine.kill()
+        engine.wait()
+    try:
+        wait_for(lambda: qemu_status(qmp)["running"], 20, "the keeper to continue QEMU")
+        before = last_tick(log)
+        wait_for(lambda: last_tick(log) >= before + 2, 30, "the guest to keep counting")
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    check_store(tmp, refs, phase, held_at, newest=3)  # those nearest the kill: 128 MiB each
 
 
 @pytest.mark.timeout(3600)  # --full: 30 trials
