@@ -93,7 +93,8 @@ class Engine:
         self._pre: _Copied | None = None
         self._full: tuple[float, int] | None = None  # while full: since when, drops since
 
-    async def checkpoint(self, *, stretched: bool = False) -> dict:
+    async def checkpoint(self, *, stretched: bool = False,
+                         slack: float | None = None) -> dict:
         """One whole cycle; returns the committed record."""
         wall = time.time()
         log.debug("pausing %s", self.target.name)
@@ -155,7 +156,7 @@ class Engine:
             "copier_copies": copies.copier_copies, "copier_waits": copies.copier_waits,
             "cow_waits": copies.cow_waits,
             "fault_service_p50": p50, "fault_service_p99": p99,
-            "drain_time": t5 - t4, "interval_stretched": stretched,
+            "drain_time": t5 - t4, "interval_stretched": stretched, "interval_slack": slack,
             # hybrid: the second, short pause after the drain that moves tracking back to
             # async (seconds; "move": the unregister + register + protect-all inside it)
             "switch_pause": switch[0] if switch else None,
@@ -257,11 +258,11 @@ class Engine:
         """Checkpoints every interval until stop is set; the one in flight always completes,
         or is dropped whole if the store cannot take it (then see _store_full)."""
         next_at = time.monotonic()
-        stretched = False
+        stretched, slack = False, None
         while not stop.is_set():
             try:
                 lead = self.options.pre_arm
-                if lead and next_at - time.monotonic() > lead:
+                if lead and slack is not None and slack > lead:
                     try:
                         await asyncio.wait_for(stop.wait(), next_at - time.monotonic() - lead)
                         break
@@ -274,11 +275,11 @@ class Engine:
                         break
                     except TimeoutError:
                         pass
-                rec = await self.checkpoint(stretched=stretched)
+                rec = await self.checkpoint(stretched=stretched, slack=slack)
             except StoreFull as e:
                 if not await self._store_full(e, stop):
                     break
-                next_at, stretched = time.monotonic(), True
+                next_at, stretched, slack = time.monotonic(), True, None
                 continue
             log.info("checkpoint %d: pause %.2f ms, %d pages dirtied, %d new, %.1f MiB, "
                      "drain %.0f ms", rec["id"], rec["pause"] * 1e3, rec["pages_dirtied"],
@@ -294,7 +295,8 @@ class Engine:
             # The next one starts only after this one is committed: if that ran past its
             # time, the interval stretches and the next record says so.
             next_at += self.options.interval
-            stretched = time.monotonic() > next_at
+            slack = next_at - time.monotonic()
+            stretched = slack < 0
             next_at = max(next_at, time.monotonic())
 
     def _last_committed(self) -> str:
