@@ -21,15 +21,18 @@ def guest_dir() -> Path:
 
 def qemu_argv(*, mem: str = "256M", work: str = "idle", rate: int = 2000, mb: int = 32,
               ticks: int = 0, serial: str = "stdio", accel: str = "tcg",
-              backend: str = "memfd") -> list[str]:
+              backend: str = "memfd", disk: str | None = None) -> list[str]:
     """A QEMU command line booting the test guest with its RAM on a shared memfd (or with
-    backend="none", plain -m; or a path: a shared file there)."""
+    backend="none", plain -m; or a path: a shared file there). With disk (a -drive's
+    options, e.g. "file=d.raw,format=raw"), a virtio disk the guest writes its ticks to."""
     g = guest_dir()
     argv = ["qemu-system-x86_64", "-accel", accel, "-m", mem, "-nodefaults", "-vga", "none",
             "-display", "none", "-serial", serial, "-kernel", str(g / "vmlinuz"),
             "-initrd", str(g / "initramfs.cpio.gz"), "-append",
             f"console=ttyS0 quiet vmckpt.work={work} vmckpt.rate={rate} vmckpt.mb={mb} "
-            f"vmckpt.ticks={ticks}"]
+            f"vmckpt.ticks={ticks}" + (" vmckpt.disk=1" if disk else "")]
+    if disk:
+        argv += ["-drive", f"{disk},if=virtio"]
     if backend == "memfd":
         argv += ["-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
                  "-machine", "pc,memory-backend=mem0"]

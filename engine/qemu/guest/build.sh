@@ -50,11 +50,16 @@ download_kernel || { update; download_kernel; } # stale or missing package lists
 dpkg-deb -x "$tmp"/linux-image-*.deb "$tmp/kernel"
 cp "$tmp"/kernel/boot/vmlinuz-* "$tmp/vmlinuz"
 
-# Initramfs: static busybox, our init, the static workload.
+# Initramfs: static busybox, our init, the static workload, and the virtio block modules
+# (Debian builds virtio as modules; init loads them in this order when the guest has a disk).
 r=$tmp/root
-mkdir -p "$r"/{bin,proc,sys,dev,tmp}
+mkdir -p "$r"/{bin,proc,sys,dev,tmp,lib/modules}
 cp /bin/busybox "$r/bin/busybox"
-for a in sh mount cat echo poweroff; do ln -s busybox "$r/bin/$a"; done
+for a in sh mount cat echo poweroff insmod sleep; do ln -s busybox "$r/bin/$a"; done
+for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
+         virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
+  cp "$tmp"/kernel/lib/modules/*/kernel/drivers/$m.ko "$r/lib/modules/"
+done
 install -m 755 "$src/init" "$r/init"
 gcc -O2 -static -s -Wall -Wextra -o "$r/bin/workload" "$src/workload.c"
 # The kernel opens /dev/console for init's stdio before devtmpfs is mounted.

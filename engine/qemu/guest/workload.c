@@ -1,16 +1,21 @@
 /* Test-guest workload: prints a tick counter on the serial console every 0.5 s and dirties
  * guest memory at a chosen rate, so checkpoints and restores can be checked from outside.
  *
- *   workload MODE RATE MB TICKS
+ *   workload MODE RATE MB TICKS [DISK]
  *   MODE  idle (ticks only) | dirty (distinct pages) | dup (pages from 16 patterns or zero)
  *   RATE  pages per second to write; 0 = as fast as possible
  *   MB    working set in MiB
  *   TICKS exit after this many ticks (0 = never)
+ *   DISK  a block device: tick n writes "VMCKPT-DISK n" to its 4 KiB block n (O_DIRECT), then
+ *         reads block n+1, which must still be empty on the first pass over the disk
  *
- * Output: "VMCKPT-TICK <n> pages=<pages written so far> work=<mode>". The counters live in
- * guest memory, so a restored guest continues from where it was checkpointed. */
+ * Output: "VMCKPT-TICK <n> pages=<pages written so far> work=<mode>[ disk=ok|future:<m>]"
+ * (future: block n+1 held tick m's write, a write from after this guest's instant). The
+ * counters live in guest memory, so a restored guest continues from where it was
+ * checkpointed. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,12 +86,49 @@ static void write_page(void)
 	}
 }
 
+static int disk_fd = -1;
+static uint64_t disk_blocks;
+static char *disk_buf; /* one aligned page: O_DIRECT */
+
+static void disk_open(const char *path)
+{
+	disk_fd = open(path, O_RDWR | O_DIRECT);
+	off_t size = disk_fd < 0 ? -1 : lseek(disk_fd, 0, SEEK_END);
+	if (size < 2 * PAGE || posix_memalign((void **)&disk_buf, PAGE, PAGE)) {
+		perror("workload: disk");
+		exit(1);
+	}
+	disk_blocks = (uint64_t)size / PAGE;
+}
+
+/* Writes tick n to block n, reads block n+1: " disk=ok", or " disk=future:M" when block n+1
+ * already holds tick M's write on the first pass (a write this guest has not made yet). */
+static const char *disk_tick(uint64_t n, char *word, size_t len)
+{
+	uint64_t block = n % disk_blocks, seen = 0;
+	memset(disk_buf, 0, PAGE);
+	snprintf(disk_buf, PAGE, "VMCKPT-DISK %llu\n", (unsigned long long)n);
+	if (pwrite(disk_fd, disk_buf, PAGE, (off_t)(block * PAGE)) != PAGE)
+		return " disk=write-error";
+	if (n + 1 < disk_blocks) {
+		if (pread(disk_fd, disk_buf, PAGE, (off_t)((n + 1) * PAGE)) != PAGE)
+			return " disk=read-error";
+		if (sscanf(disk_buf, "VMCKPT-DISK %llu", (unsigned long long *)&seen) == 1) {
+			snprintf(word, len, " disk=future:%llu", (unsigned long long)seen);
+			return word;
+		}
+	}
+	return " disk=ok";
+}
+
 int main(int argc, char **argv)
 {
-	if (argc != 5) {
-		fprintf(stderr, "usage: workload idle|dirty|dup RATE MB TICKS\n");
+	if (argc != 5 && argc != 6) {
+		fprintf(stderr, "usage: workload idle|dirty|dup RATE MB TICKS [DISK]\n");
 		return 2;
 	}
+	if (argc == 6)
+		disk_open(argv[5]);
 	const char *mode = argv[1];
 	uint64_t rate = strtoull(argv[2], NULL, 10), mb = strtoull(argv[3], NULL, 10);
 	uint64_t ticks = strtoull(argv[4], NULL, 10);
@@ -135,9 +177,11 @@ int main(int argc, char **argv)
 				next_slice = t + SLICE_NS;
 		}
 		if (t >= next_tick) {
-			char line[128];
-			int len = snprintf(line, sizeof line, "VMCKPT-TICK %llu pages=%llu work=%s\n",
-					   (unsigned long long)++n, (unsigned long long)written, mode);
+			char line[160], word[48];
+			const char *disk = disk_fd < 0 ? "" : disk_tick(n + 1, word, sizeof word);
+			int len = snprintf(line, sizeof line, "VMCKPT-TICK %llu pages=%llu work=%s%s\n",
+					   (unsigned long long)++n, (unsigned long long)written, mode,
+					   disk);
 			if (write(1, line, len) < 0) /* unbuffered: the line is on the console at once */
 				return 1;
 			if (ticks && n >= ticks)
