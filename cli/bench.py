@@ -108,7 +108,10 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         axes[1].tick_params(labelleft=False)
     else:  # qemu
         many = len({(r["ram"], r["work"]) for r in rows}) > 1
-        kinds = [f"{r['ram']} {r['work']}: {r['kind']}" if many else r["kind"] for r in rows]
+        # QEMU's snapshots ran on more than one guest: say whose (runs before 2026-12-02: wp's)
+        kinds = [(f"{r['ram']} {r['work']}: " if many else "") + r["kind"]
+                 + (f" on {r['guest']}'s guest" if "guest" in r and r["kind"].startswith("qemu")
+                    else "") for r in rows]
         axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])
         axes[0].set_xlabel("pause, median (ms, log)")
         axes[0].set_xscale("log")

@@ -69,7 +69,7 @@ async def _synth_run(workdir: Path, args: Sequence[str], options: EngineOptions 
         return json.loads((await out).splitlines()[-1])["pages_per_s"], records
 
 
-def _interval_row(records: Sequence[dict], nominal: float, skip: int = 2) -> dict:
+def interval_kept(records: Sequence[dict], nominal: float, skip: int = 2) -> dict:
     """The interval asked for, the one kept (the mean time between successive pauses of the
     steady records, from their "time"), and whether it stretched (> STRETCHED x nominal)."""
     times = [r["time"] for r in records[skip:]]
@@ -101,7 +101,7 @@ async def _slowdown_rows(workdir: Path, args: Sequence[str],
         on, records = await _synth_run(workdir, args, opts)
         after, _ = await _synth_run(workdir, args, None)
         alone = (before + after) / 2
-        rows.append({**label, **_interval_row(records, opts.interval, skip),
+        rows.append({**label, **interval_kept(records, opts.interval, skip),
                      **_pause_row(records, skip), "guest_pages_per_s": on,
                      "guest_alone_before_pages_per_s": before,
                      "guest_alone_after_pages_per_s": after, "guest_off_pages_per_s": alone,
@@ -157,7 +157,7 @@ async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: f
             "0.2", "--seed", "2")
     _, records = await _synth_run(workdir, args, options(strategy, interval), checkpoints)
     # Each row's effective interval: since the previous checkpoint's pause (none for the first).
-    return [{"id": r["id"], **_interval_row(records[max(0, n - 1):n + 1], interval, skip=0),
+    return [{"id": r["id"], **interval_kept(records[max(0, n - 1):n + 1], interval, skip=0),
              "pages_dirtied": r["pages_dirtied"],
              "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
              "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
@@ -178,7 +178,7 @@ async def priority_experiment(workdir: Path, *, copiers: Sequence[int] = (1, 2),
                 interval=interval, copiers=n, priority=priority, pre_arm=0.0))
             steady = records[1:]
             rows.append({"copiers": n, "priority": priority,
-                         **_interval_row(records, interval, skip=1),
+                         **interval_kept(records, interval, skip=1),
                          "cow_copies": sum(r["cow_copies"] for r in steady),
                          "copier_copies": sum(r["copier_copies"] for r in steady),
                          "guest_pages_per_s": rate, **_pause_row(records, skip=1)})
@@ -208,7 +208,7 @@ async def scaling_experiment(workdir: Path, *, sizes: Sequence[str] = ("256M", "
             _, records = await _synth_run(
                 workdir, args, options(strategy, interval))
             rows.append({"ram": size, "strategy": strategy,
-                         **_interval_row(records, interval), **_pause_row(records)})
+                         **interval_kept(records, interval), **_pause_row(records)})
     return rows
 
 
@@ -271,7 +271,7 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
                      r["bytes_added"] + r["device_state"]["size"]) for r in steady]
             default = " (default)" if strategy == DEFAULT_STRATEGY else ""
             rows.append({"guest": strategy, **_snapshot_row(f"vmckpt {strategy}{default}", done),
-                         **_interval_row(steady, interval, skip=0), **_pause_parts(steady)})
+                         **interval_kept(steady, interval, skip=0), **_pause_parts(steady)})
             if strategy not in qemu_on:
                 continue
             prog.tracker.close()  # QEMU's background snapshot registers guest RAM itself
@@ -280,7 +280,7 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
                 taken, starts = await _qemu_snapshots(qmp, workdir / "snap", snapshots,
                                                       interval, background=background)
                 rows.append({"guest": strategy, **_snapshot_row(kind, taken),
-                             **_interval_row([{"time": t} for t in starts], interval, skip=0),
+                             **interval_kept([{"time": t} for t in starts], interval, skip=0),
                              **_pause_parts([])})
     # Target 3's ratios, side by side: QEMU's paused migrate's pause over each row's, and
     # background-snapshot's bytes over each row's (>= 10 and >= 5 are the aims), QEMU's taken
@@ -344,7 +344,7 @@ async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
                     await engine.run(asyncio.Event(),
                                      max_checkpoints=engine.committed + checkpoints)
                     rows.append({"strategy": strategy,
-                                 **_interval_row(kept, interval, skip=0),
+                                 **interval_kept(kept, interval, skip=0),
                                  **_pause_row(kept, skip=0)})
     return rows
 

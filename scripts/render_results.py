@@ -153,10 +153,11 @@ def ratios_note(rows: list[dict]) -> str:
     or for a strategy QEMU did not run beside, the default's guest's)."""
     on = list(dict.fromkeys(r["guest"] for r in rows if r["kind"].startswith("qemu")))
     others = {r["ratios_vs_guest"] for r in rows if r["guest"] not in on}
-    note = ", ".join(f"{GUESTS[g]}'s" for g in on)
+    note = (f"\nThe ratios of {' and '.join(f'{GUESTS[g]}' for g in on)} divide by QEMU's "
+            "figures on the same guest")
     if others:
-        note += f"; the other strategies' rows divide by those on {GUESTS[others.pop()]}'s"
-    return f"\nThe ratios divide by QEMU's figures on the row's own guest ({note}).\n"
+        note += f"; the other strategies' by those on {GUESTS[others.pop()]}'s guest"
+    return note + ".\n"
 
 
 def qemu_guests(doc: dict) -> str:
