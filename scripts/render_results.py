@@ -73,18 +73,22 @@ def count(r: dict) -> str:
     return f"{r['checkpoints']} at {kept(r)}" if "interval_eff_s" in r else str(r["checkpoints"])
 
 
-def alone(rows: list[dict]) -> str:
-    """What a slowdown divides by: the guest alone, before and after each point (runs before
-    2026-12-02 measured it once, at the start, and say so in the text around the table)."""
+def alone(rows: list[dict], guest: str | None = None) -> str:
+    """What a slowdown divides by: the guest alone, before and after each point, per guest
+    (rows[guest]'s values) if there are several (runs before 2026-12-02 measured it once, at the
+    start, and say so in the text around the table)."""
     if "guest_alone_before_pages_per_s" not in rows[0]:
         return ""
-    pairs = [(r["guest_alone_before_pages_per_s"], r["guest_alone_after_pages_per_s"])
-             for r in rows]
-    every = [v for pair in pairs for v in pair]
-    apart = max(abs(a - b) / min(a, b) for a, b in pairs)
-    return (f"\nGuest alone, measured just before and just after each point (each slowdown is "
-            f"against the mean of its two): {min(every) / 1e3:.0f}–{max(every) / 1e3:.0f} k "
-            f"pages/s; the two of one point differed by up to {100 * apart:.0f} %.\n")
+    parts = []
+    for g in dict.fromkeys(r[guest] if guest else None for r in rows):
+        pairs = [(r["guest_alone_before_pages_per_s"], r["guest_alone_after_pages_per_s"])
+                 for r in rows if not guest or r[guest] == g]
+        every = [v for pair in pairs for v in pair]
+        apart = max(abs(a - b) / min(a, b) for a, b in pairs)
+        parts.append(f"{f'{g}: ' if g else ''}{min(every) / 1e3:.0f}–{max(every) / 1e3:.0f} k "
+                     f"pages/s, the two of one point up to {100 * apart:.0f} % apart")
+    return ("\nGuest alone, measured just before and just after each point (each slowdown is "
+            f"against the mean of its two): {'; '.join(parts)}.\n")
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
@@ -273,8 +277,9 @@ def hugepages(doc: dict) -> str:
         f"ms, {100 * r['slowdown']:.0f} % ({count(r)})"
         for r in (_by(rows, pages=p, interval_s=i) for p in ("4K", "2M")))]
         for i in dict.fromkeys(r["interval_s"] for r in rows)]
-    return table(["interval", "4 KiB pages: pause p50 / p99, drain p50, slowdown (checkpoints"
-                  f"{KEPT * ('interval_eff_s' in rows[0])})", "2 MiB pages"], out) + alone(rows)
+    head = ["interval", "4 KiB pages: pause p50 / p99, drain p50, slowdown (checkpoints"
+            f"{KEPT * ('interval_eff_s' in rows[0])})", "2 MiB pages"]
+    return table(head, out) + alone(rows, "pages")
 
 
 def priority(doc: dict) -> str:
