@@ -61,7 +61,7 @@ def kept(r: dict) -> str:
     past the one asked for if it did (the experiments flag > 1.5x)."""
     out = secs(r["interval_eff_s"])
     if r["interval_stretched"]:
-        out += f", stretched ×{r['interval_eff_s'] / r['interval_s']:.1f}"
+        out += f", stretched ×{r['interval_eff_s'] / r['interval_s']:.3g}"
     return out
 
 
