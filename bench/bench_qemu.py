@@ -3,7 +3,8 @@ guest in the same run: a paused full `migrate` to a file, and `background-snapsh
 
 256 MiB and 1 GiB guests, idle and dirtying (5,000 pages/s over 64 MiB), 1 s interval. The
 first two checkpoints of a run (all of RAM; the switch to async tracking) are not counted.
-QEMU's snapshots run on wp's guest and on the default strategy's, 15 of each on each.
+15 checkpoints of each strategy; QEMU's snapshots on wp's guest and on the default strategy's,
+15 of each kind on each.
 Pause (p50, p99, min, max), total time, bytes written per checkpoint and the interval kept.
 
     .venv/bin/pytest bench/bench_qemu.py --benchmark-only -s    # VMCKPT_BENCH_SIZES=256M,1G

@@ -252,7 +252,7 @@ QEMU_GUESTS = ("wp", DEFAULT_STRATEGY)
 
 async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirty",
                           strategies: Sequence[str] = STRATEGIES, interval: float = 1.0,
-                          checkpoints: int = 10, snapshots: int = 15) -> list[dict]:
+                          checkpoints: int = 15, snapshots: int = 15) -> list[dict]:
     """The test guest under vmckpt (each strategy, one guest each), then on the guests of
     QEMU_GUESTS QEMU's paused `migrate` to a file and its `background-snapshot`, snapshots of
     each at the same interval: pause (p50, p99, min, max), total time, bytes per checkpoint.
@@ -374,7 +374,7 @@ FULL: dict[str, dict[str, object]] = {
     "scaling": {"duration": 20.0},
     "priority": {"duration": 20.0},
     "hugepages": {"size": "1G", "duration": 20.0},
-    "qemu": {"mems": ("256M", "1G"), "works": ("idle", "dirty"), "checkpoints": 30,
+    "qemu": {"mems": ("256M", "1G"), "works": ("idle", "dirty"), "checkpoints": 40,
              "snapshots": 40},
 }
 
