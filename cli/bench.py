@@ -112,8 +112,13 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         kinds = [(f"{r['ram']} {r['work']}: " if many else "") + r["kind"]
                  + (f" on {r['guest']}'s guest" if "guest" in r and r["kind"].startswith("qemu")
                     else "") for r in rows]
-        axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])
-        axes[0].set_xlabel("pause, median (ms, log)")
+        p50 = [r["pause_p50_ms"] for r in rows]
+        spread = ([[m - r["pause_min_ms"] for m, r in zip(p50, rows, strict=True)],
+                   [r["pause_max_ms"] - m for m, r in zip(p50, rows, strict=True)]]
+                  if "pause_min_ms" in rows[0] else None)
+        axes[0].barh(kinds, p50, xerr=spread)
+        axes[0].set_xlabel("pause, median and min–max (ms, log)" if spread else
+                           "pause, median (ms, log)")
         axes[0].set_xscale("log")
         axes[1].barh(kinds, [r["MB_per_checkpoint"] for r in rows])
         axes[1].set_xlabel("MB written per checkpoint")
