@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from vmckpt.cli.bench import dumps, results
+from vmckpt.engine.experiments import DEFAULT_STRATEGY, STRATEGIES, interval_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("render_results",
@@ -65,8 +66,6 @@ def test_vmckpt_bench_writes_the_json_the_readme_is_rendered_from(tmp_path):
 
 
 def test_interval_kept_is_the_mean_between_pauses_and_says_when_it_stretched():
-    from vmckpt.engine.experiments import interval_kept
-
     # Two set-up checkpoints (skipped), then pauses 0.3 s apart.
     records = [{"time": t} for t in (100.0, 100.1, 100.2, 100.5, 100.8, 101.1)]
     kept = interval_kept(records, 0.25)
@@ -128,8 +127,6 @@ def _qemu_row(kind: str, guest: str, p50: float, mb: float, **kw: object) -> dic
 
 
 def test_qemu_snapshots_on_two_guests_each_ratio_against_its_own(tmp_path):
-    from vmckpt.engine.experiments import DEFAULT_STRATEGY, STRATEGIES
-
     rows = []
     for s in STRATEGIES:
         default = " (default)" if s == DEFAULT_STRATEGY else ""
