@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from vmckpt.engine.cycle import Engine, EngineOptions
-from vmckpt.engine.qemu.qmp import Qmp
+from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
@@ -229,12 +229,26 @@ async def _qemu_snapshot(qmp: Qmp, path: Path, *, background: bool) -> tuple[flo
     await qmp.cmd("migrate", uri="fd:snapshot")
     info = await qmp.wait_migration()
     if not background:
-        await qmp.cmd("cont")
+        await _cont_after_migrate(qmp)
     total = time.perf_counter() - t0
     await qmp.set_capability("background-snapshot", False)
     size = path.stat().st_size
     path.unlink()
     return (info["downtime"] / 1e3 if background else total), total, size
+
+
+async def _cont_after_migrate(qmp: Qmp) -> None:
+    """QMP cont after a paused migrate. QEMU says "completed" a moment before it leaves run
+    state finish-migrate, and refuses cont until it has ("Migration is not finalized yet";
+    seen once in 30 paused migrates here): ask again until it takes it."""
+    while True:
+        try:
+            await qmp.cmd("cont")
+            return
+        except QemuError as e:
+            if "not finalized" not in str(e):
+                raise
+        await asyncio.sleep(0.0005)
 
 
 async def qemu_experiment(workdir: Path, *, mems: Sequence[str] = ("256M",),
