@@ -93,7 +93,7 @@ def one_round(tmp_path, run: int) -> dict[str, float]:
     """One round, every figure side by side: the drain with each copier count, then the limits
     on the same pages; MB/s each, and each drain's ratio to each limit of this round."""
     secs = {}
-    for n in COPIERS:
+    for n in COPIERS[::-1] if run % 2 else COPIERS:  # each goes first in turn
         secs[f"drain_{n}"], pages = asyncio.run(drain(tmp_path, f"{run}-{n}", n))
     size = pages.nbytes
     ids = np.frombuffer(os.urandom(32 * len(pages)), np.uint8).reshape(-1, 32)
