@@ -70,7 +70,11 @@ KEPT = " at the interval kept"  # in a table's head where its cells say count(r)
 
 def count(r: dict) -> str:
     """A row's checkpoints, with the interval kept (runs before 2026-12-02 did not record it)."""
-    return f"{r['checkpoints']} at {kept(r)}" if "interval_eff_s" in r else str(r["checkpoints"])
+    if "interval_eff_s" not in r:
+        return str(r["checkpoints"])
+    if r["interval_eff_s"] is None:  # under two steady checkpoints: no interval between them
+        return f"{r['checkpoints']}, too few to time"
+    return f"{r['checkpoints']} at {kept(r)}"
 
 
 def alone(rows: list[dict], guest: str | None = None) -> str:

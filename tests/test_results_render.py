@@ -98,6 +98,9 @@ def test_rows_show_the_interval_kept_and_the_alone_rate_around_each_point(tmp_pa
     assert "| 0.1 s | 10.0 ms, 65 % (10 at 0.62 s, stretched ×6.2) |" in out
     assert "| 0.5 s | 10.0 ms, 35 % (10 at 0.51 s) |" in out
     assert "checkpoints at the interval kept" in out
+    untimed = [rows[0], {**rows[1], "interval_eff_s": math.nan, "interval_stretched": False}]
+    assert "| 0.5 s | 10.0 ms, 35 % (10, too few to time) |" in _rendered(tmp_path, "interval",
+                                                                          untimed)
     assert "150–190 k pages/s, the two of one point up to 27 % apart." in out
     huge = [{**r, "pages": p} for r in rows for p in ("4K", "2M")]
     out = _rendered(tmp_path, "hugepages", [{k: v for k, v in r.items() if k != "strategy"}
