@@ -339,6 +339,25 @@ def pause(doc: dict) -> str:
         "scripts/render_results.py.</sub>\n")
 
 
+def drain(doc: dict) -> str:
+    """bench/bench_drain.py (pytest-benchmark's JSON): each round's drains and the limits
+    measured in that round, each ratio a drain over a limit of its own round."""
+    x = doc["benchmarks"][0]["extra_info"]
+    copiers = sorted(x["median_round"], key=int)
+    out = [[str(i), *(f"{r[f'drain_{n}']:.0f} MB/s (×{r[f'drain_{n}_over_ingest']:.2f}, "
+                      f"×{r[f'drain_{n}_over_memcpy_hash']:.2f})" for n in copiers),
+            f"{r['ingest']:.0f} MB/s", f"{r['memcpy_hash']:.0f} MB/s", f"{r['disk']:.0f} MB/s"]
+           for i, r in enumerate(x["rounds"], 1)]
+    head = ["round", *(f"drain, {n} copier{'s' * (int(n) > 1)} (÷ bare ingest, ÷ memcpy+SHA-256 "
+                       "of the same round)" for n in copiers),
+            "bare RocksDB ingest", "memcpy+SHA-256, 1 thread", "raw disk write"]
+    return table(head, out) + (
+        f"\n<sub>Rendered from [docs/results/drain.json](docs/results/drain.json) "
+        f"(`.venv/bin/pytest bench/bench_drain.py --benchmark-only -s "
+        f"--benchmark-json=docs/results/drain.json`, {doc['datetime'][:10]}; {x['size']} of "
+        "distinct pages) by scripts/render_results.py.</sub>\n")
+
+
 RENDER: dict[str, Callable[[dict], str]] = {
     "qemu": qemu, "interval": interval, "qemu-interval": qemu_interval, "scaling": scaling,
     "hugepages": hugepages, "priority": priority, "dedup": dedup}
@@ -348,7 +367,7 @@ def block(name: str, results: Path = RESULTS) -> str:
     """The rendered body of block NAME: the table, then where it comes from."""
     doc = json.loads((results / f"{name}.json").read_text())
     if "benchmarks" in doc:  # a pytest-benchmark suite's --benchmark-json
-        return pause(doc)
+        return drain(doc) if name.rsplit("/", 1)[-1] == "drain" else pause(doc)
     exp = name.rsplit("/", 1)[-1]
     render = qemu_full if exp == "qemu" and len({(r["ram"], r["work"]) for r in
                                                  doc["rows"]}) > 1 else RENDER[exp]

@@ -166,3 +166,22 @@ def test_qemu_snapshots_on_two_guests_each_ratio_against_its_own(tmp_path):
             "10.0 ms | 10.0 ms | 200 / 600 ms (100–800), 134 MB |") in out
     assert "| ×20.0, ×6.7 | 100 / 300 ms (50.0–400) | 1.01 s / 1.01 s / 1.6 s, stretched ×1.6 |" \
         in out
+
+
+def test_drain_ratios_each_divide_by_the_limits_of_their_own_round(tmp_path):
+    def one(d1: float, d2: float, ingest: float) -> dict:
+        r = {"drain_1": d1, "drain_2": d2, "memcpy_hash": 1000.0, "ingest": ingest,
+             "disk": 1500.0}
+        for n in (1, 2):
+            r |= {f"drain_{n}_over_ingest": r[f"drain_{n}"] / ingest,
+                  f"drain_{n}_over_memcpy_hash": r[f"drain_{n}"] / 1000.0}
+        return r
+
+    rounds = [one(343.0, 357.0, 401.0), one(246.0, 211.0, 182.0)]
+    doc = {"datetime": "2026-12-02T03:00:00", "benchmarks": [{"extra_info": {
+        "size": "256M", "rounds": rounds, "median_round": {"1": {}, "2": {}}}}]}
+    (tmp_path / "drain.json").write_text(json.dumps(doc))
+    out = render_results.block("drain", tmp_path)
+    assert "| 1 | 343 MB/s (×0.86, ×0.34) | 357 MB/s (×0.89, ×0.36) | 401 MB/s |" in out
+    assert "| 2 | 246 MB/s (×1.35, ×0.25) | 211 MB/s (×1.16, ×0.21) | 182 MB/s |" in out
+    assert "--benchmark-json=docs/results/drain.json" in out
