@@ -28,10 +28,13 @@ def _run(benchmark, experiment, tmp_path, **kw) -> list[dict]:
 
 def test_pause_and_slowdown_vs_interval(benchmark, tmp_path):
     rows = _run(benchmark, interval_experiment, tmp_path)
-    print(f"\nguest alone: {rows[0]['guest_off_pages_per_s']:.0f} pages/s")
     for r in rows:
-        print(f"  {r['strategy']:6s} {r['interval_s']:5.2f} s: pause {r['pause_p50_ms']:6.2f} / "
-              f"{r['pause_p99_ms']:6.2f} ms, {r['dirtied_p50']:7.0f} pages dirtied, guest "
+        print(f"  {r['strategy']:6s} {r['interval_s']:5.2f} s (kept {r['interval_eff_s']:5.2f} s"
+              f"{', stretched' * r['interval_stretched']}; alone before / after "
+              f"{r['guest_alone_before_pages_per_s']:.0f} / "
+              f"{r['guest_alone_after_pages_per_s']:.0f} pages/s): pause "
+              f"{r['pause_p50_ms']:6.2f} / {r['pause_p99_ms']:6.2f} ms, "
+              f"{r['dirtied_p50']:7.0f} pages dirtied, guest "
               f"{r['guest_pages_per_s']:7.0f} pages/s, slowdown {r['slowdown']:.0%}, switch "
               f"pause {r['switch_p50_ms']:.2f} ms")
 

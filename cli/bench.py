@@ -108,9 +108,17 @@ def plot(name: str, rows: list[dict], path: Path) -> None:
         axes[1].tick_params(labelleft=False)
     else:  # qemu
         many = len({(r["ram"], r["work"]) for r in rows}) > 1
-        kinds = [f"{r['ram']} {r['work']}: {r['kind']}" if many else r["kind"] for r in rows]
-        axes[0].barh(kinds, [r["pause_p50_ms"] for r in rows])
-        axes[0].set_xlabel("pause, median (ms, log)")
+        # QEMU's snapshots ran on more than one guest: say whose (runs before 2026-12-02: wp's)
+        kinds = [(f"{r['ram']} {r['work']}: " if many else "") + r["kind"]
+                 + (f" on {r['guest']}'s guest" if "guest" in r and r["kind"].startswith("qemu")
+                    else "") for r in rows]
+        p50 = [r["pause_p50_ms"] for r in rows]
+        spread = ([[m - r["pause_min_ms"] for m, r in zip(p50, rows, strict=True)],
+                   [r["pause_max_ms"] - m for m, r in zip(p50, rows, strict=True)]]
+                  if "pause_min_ms" in rows[0] else None)
+        axes[0].barh(kinds, p50, xerr=spread)
+        axes[0].set_xlabel("pause, median and min–max (ms, log)" if spread else
+                           "pause, median (ms, log)")
         axes[0].set_xscale("log")
         axes[1].barh(kinds, [r["MB_per_checkpoint"] for r in rows])
         axes[1].set_xlabel("MB written per checkpoint")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from vmckpt.engine.cycle import Engine, EngineOptions
-from vmckpt.engine.qemu.qmp import Qmp
+from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
@@ -31,6 +31,9 @@ from vmckpt.storage import open_store
 STRATEGIES = ("wp", "wp+pre-arm", "async", "async+pre-arm", "hybrid")
 DEFAULT_STRATEGY = "wp+pre-arm"
 INTERVALS = (0.1, 0.25, 0.5, 1.0, 2.0)
+# A row's interval "stretched" when its checkpoints came this much further apart than asked
+# (a drain or commit ran past the next pause's time): such rows are not at their nominal interval.
+STRETCHED = 1.5
 
 
 def options(strategy: str, interval: float) -> EngineOptions:
@@ -66,6 +69,15 @@ async def _synth_run(workdir: Path, args: Sequence[str], options: EngineOptions 
         return json.loads((await out).splitlines()[-1])["pages_per_s"], records
 
 
+def interval_kept(records: Sequence[dict], nominal: float, skip: int = 2) -> dict:
+    """The interval asked for, the one kept (the mean time between successive pauses of the
+    steady records, from their "time"), and whether it stretched (> STRETCHED x nominal)."""
+    times = [r["time"] for r in records[skip:]]
+    eff = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+    return {"interval_s": nominal, "interval_eff_s": eff,
+            "interval_stretched": bool(eff > STRETCHED * nominal)}
+
+
 def _pause_row(records: list[dict], skip: int = 2) -> dict:
     steady = records[skip:] or records  # the first two set tracking up (all RAM, the switch)
     pauses = [r["pause"] for r in steady]
@@ -77,23 +89,37 @@ def _pause_row(records: list[dict], skip: int = 2) -> dict:
             "drain_p50_ms": _ms([r["drain_time"] for r in steady], 50)}
 
 
+async def _slowdown_rows(workdir: Path, args: Sequence[str],
+                         points: Sequence[tuple[dict, EngineOptions]],
+                         skip: int = 2) -> list[dict]:
+    """One row per point (its labels, the guest checkpointed with its options), with the
+    guest's own rate alone measured just before and just after it (the run after one point is
+    the one before the next): slowdown = 1 - rate checkpointed / the mean of the two alone."""
+    before, _ = await _synth_run(workdir, args, None)
+    rows = []
+    for label, opts in points:
+        on, records = await _synth_run(workdir, args, opts)
+        after, _ = await _synth_run(workdir, args, None)
+        alone = (before + after) / 2
+        rows.append({**label, **interval_kept(records, opts.interval, skip),
+                     **_pause_row(records, skip), "guest_pages_per_s": on,
+                     "guest_alone_before_pages_per_s": before,
+                     "guest_alone_after_pages_per_s": after, "guest_off_pages_per_s": alone,
+                     "slowdown": 1 - on / alone})
+        before = after
+    return rows
+
+
 async def interval_experiment(workdir: Path, *, strategies: Sequence[str] = STRATEGIES,
                               intervals: Sequence[float] = INTERVALS, size: str = "256M",
                               duration: float = 6.0) -> list[dict]:
     """Pause and guest slowdown vs interval, per strategy. The guest writes random pages as
-    fast as it can and reports its own rate; slowdown = 1 - rate(on) / rate(off)."""
+    fast as it can and reports its own rate; slowdown = 1 - rate(on) / rate(off), off measured
+    before and after each point."""
     args = ("--size", size, "--fill", "0.5", "--rate", "0", "--partial", "0.3", "--dup", "0.1",
             "--zero", "0.1", "--seed", "1", "--duration", str(duration))
-    off, _ = await _synth_run(workdir, args, None)
-    rows = []
-    for strategy in strategies:
-        for interval in intervals:
-            on, records = await _synth_run(
-                workdir, args, options(strategy, interval))
-            rows.append({"strategy": strategy, "interval_s": interval, **_pause_row(records),
-                         "guest_pages_per_s": on, "guest_off_pages_per_s": off,
-                         "slowdown": 1 - on / off})
-    return rows
+    return await _slowdown_rows(workdir, args, [
+        ({"strategy": s}, options(s, i)) for s in strategies for i in intervals])
 
 
 async def hugepage_experiment(workdir: Path, *, intervals: Sequence[float] = (0.5, 1.0, 2.0),
@@ -106,12 +132,9 @@ async def hugepage_experiment(workdir: Path, *, intervals: Sequence[float] = (0.
         for huge in (False, True):
             args = ("--size", size, "--fill", "0.5", "--rate", "0", "--seed", "5",
                     "--duration", str(duration), *(("--hugetlb",) if huge else ()))
-            off, _ = await _synth_run(workdir, args, None)
-            for interval in intervals:
-                on, records = await _synth_run(workdir, args, options("wp", interval))
-                rows.append({"pages": "2M" if huge else "4K", "interval_s": interval,
-                             **_pause_row(records, skip=1), "guest_pages_per_s": on,
-                             "guest_off_pages_per_s": off, "slowdown": 1 - on / off})
+            rows += await _slowdown_rows(workdir, args, [
+                ({"pages": "2M" if huge else "4K"}, options("wp", i)) for i in intervals],
+                skip=1)
     return rows
 
 
@@ -133,10 +156,12 @@ async def dedup_experiment(workdir: Path, *, checkpoints: int = 100, interval: f
     args = ("--size", "256M", "--fill", "0.3", "--rate", "20000", "--dup", "0.4", "--zero",
             "0.2", "--seed", "2")
     _, records = await _synth_run(workdir, args, options(strategy, interval), checkpoints)
-    return [{"id": r["id"], "pages_dirtied": r["pages_dirtied"],
+    # Each row's effective interval: since the previous checkpoint's pause (none for the first).
+    return [{"id": r["id"], **interval_kept(records[max(0, n - 1):n + 1], interval, skip=0),
+             "pages_dirtied": r["pages_dirtied"],
              "pages_stored_new": r["pages_stored_new"], "dedup_hits": r["dedup_hits"],
              "zero_pages": r["zero_pages"], "bytes_added": r["bytes_added"],
-             "pause_ms": r["pause"] * 1e3} for r in records]
+             "pause_ms": r["pause"] * 1e3} for n, r in enumerate(records)]
 
 
 async def priority_experiment(workdir: Path, *, copiers: Sequence[int] = (1, 2),
@@ -153,6 +178,7 @@ async def priority_experiment(workdir: Path, *, copiers: Sequence[int] = (1, 2),
                 interval=interval, copiers=n, priority=priority, pre_arm=0.0))
             steady = records[1:]
             rows.append({"copiers": n, "priority": priority,
+                         **interval_kept(records, interval, skip=1),
                          "cow_copies": sum(r["cow_copies"] for r in steady),
                          "copier_copies": sum(r["copier_copies"] for r in steady),
                          "guest_pages_per_s": rate, **_pause_row(records, skip=1)})
@@ -181,7 +207,8 @@ async def scaling_experiment(workdir: Path, *, sizes: Sequence[str] = ("256M", "
         for strategy in strategies:
             _, records = await _synth_run(
                 workdir, args, options(strategy, interval))
-            rows.append({"ram": size, "strategy": strategy, **_pause_row(records)})
+            rows.append({"ram": size, "strategy": strategy,
+                         **interval_kept(records, interval), **_pause_row(records)})
     return rows
 
 
@@ -202,12 +229,26 @@ async def _qemu_snapshot(qmp: Qmp, path: Path, *, background: bool) -> tuple[flo
     await qmp.cmd("migrate", uri="fd:snapshot")
     info = await qmp.wait_migration()
     if not background:
-        await qmp.cmd("cont")
+        await _cont_after_migrate(qmp)
     total = time.perf_counter() - t0
     await qmp.set_capability("background-snapshot", False)
     size = path.stat().st_size
     path.unlink()
     return (info["downtime"] / 1e3 if background else total), total, size
+
+
+async def _cont_after_migrate(qmp: Qmp) -> None:
+    """QMP cont after a paused migrate. QEMU says "completed" a moment before it leaves run
+    state finish-migrate, and refuses cont until it has ("Migration is not finalized yet";
+    seen once in 30 paused migrates here): ask again until it takes it."""
+    while True:
+        try:
+            await qmp.cmd("cont")
+            return
+        except QemuError as e:
+            if "not finalized" not in str(e):
+                raise
+        await asyncio.sleep(0.0005)
 
 
 async def qemu_experiment(workdir: Path, *, mems: Sequence[str] = ("256M",),
@@ -217,13 +258,22 @@ async def qemu_experiment(workdir: Path, *, mems: Sequence[str] = ("256M",),
             for row in await qemu_comparison(workdir, mem=mem, work=work, **kw)]
 
 
+# QEMU's own snapshots, and the guests they are taken on: wp's (no pre-arm: the engine's
+# plainest mode) and the default strategy's, each after its vmckpt run.
+QEMU_KINDS = (("qemu migrate (paused)", False), ("qemu background-snapshot", True))
+QEMU_GUESTS = ("wp", DEFAULT_STRATEGY)
+
+
 async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirty",
                           strategies: Sequence[str] = STRATEGIES, interval: float = 1.0,
-                          checkpoints: int = 10, snapshots: int = 5) -> list[dict]:
-    """The test guest under vmckpt (each strategy), then QEMU's paused `migrate` to a file and
-    its `background-snapshot` on the same guest: pause, total time, bytes per checkpoint."""
+                          checkpoints: int = 15, snapshots: int = 15) -> list[dict]:
+    """The test guest under vmckpt (each strategy, one guest each), then on the guests of
+    QEMU_GUESTS QEMU's paused `migrate` to a file and its `background-snapshot`, snapshots of
+    each at the same interval: pause (p50, p99, min, max), total time, bytes per checkpoint.
+    Each row's "guest" is the strategy whose guest it ran on."""
+    qemu_on = [s for s in QEMU_GUESTS if s in strategies] or list(strategies[:1])
     rows = []
-    for n, strategy in enumerate(strategies):
+    for strategy in strategies:
         async with await _booted(workdir, mem, strategy, work) as prog:
             with open_store(workdir / f"store-{mem}-{work}-{strategy}", create=True) as store:
                 engine = Engine(prog.target, prog.tracker, store, options(strategy, interval))
@@ -234,28 +284,46 @@ async def qemu_comparison(workdir: Path, *, mem: str = "256M", work: str = "dirt
             done = [(r["pause"], r["pause"] + r["drain_time"] + r["commit_time"],
                      r["bytes_added"] + r["device_state"]["size"]) for r in steady]
             default = " (default)" if strategy == DEFAULT_STRATEGY else ""
-            rows.append({**_snapshot_row(f"vmckpt {strategy}{default}", done),
-                         **_pause_parts(steady)})
-            if n:
+            rows.append({"guest": strategy, **_snapshot_row(f"vmckpt {strategy}{default}", done),
+                         **interval_kept(steady, interval, skip=0), **_pause_parts(steady)})
+            if strategy not in qemu_on:
                 continue
             prog.tracker.close()  # QEMU's background snapshot registers guest RAM itself
             qmp = prog.target.qmp  # type: ignore[attr-defined]
-            for kind, background in (("qemu migrate (paused)", False),
-                                     ("qemu background-snapshot", True)):
-                taken = []
-                for _ in range(snapshots):
-                    await asyncio.sleep(interval)
-                    taken.append(await _qemu_snapshot(qmp, workdir / "snap",
-                                                      background=background))
-                rows.append({**_snapshot_row(kind, taken), **_pause_parts([])})
+            for kind, background in QEMU_KINDS:
+                taken, starts = await _qemu_snapshots(qmp, workdir / "snap", snapshots,
+                                                      interval, background=background)
+                rows.append({"guest": strategy, **_snapshot_row(kind, taken),
+                             **interval_kept([{"time": t} for t in starts], interval, skip=0),
+                             **_pause_parts([])})
     # Target 3's ratios, side by side: QEMU's paused migrate's pause over each row's, and
-    # background-snapshot's bytes over each row's (>= 10 and >= 5 are the aims).
-    migrate, background = (next(r for r in rows if r["kind"] == k) for k in (
-        "qemu migrate (paused)", "qemu background-snapshot"))
+    # background-snapshot's bytes over each row's (>= 10 and >= 5 are the aims), QEMU's taken
+    # on the row's own guest, or (strategies QEMU did not run beside) on the default's.
+    fallback = DEFAULT_STRATEGY if DEFAULT_STRATEGY in qemu_on else qemu_on[0]
     for r in rows:
+        on = r["guest"] if r["guest"] in qemu_on else fallback
+        migrate, background = (next(q for q in rows if q["kind"] == k and q["guest"] == on)
+                               for k, _ in QEMU_KINDS)
+        r["ratios_vs_guest"] = on
         r["migrate_pause_x"] = migrate["pause_p50_ms"] / r["pause_p50_ms"]
         r["bgsnap_bytes_x"] = background["MB_per_checkpoint"] / r["MB_per_checkpoint"]
     return [{"ram": mem, "work": work, **r} for r in rows]
+
+
+async def _qemu_snapshots(qmp: Qmp, path: Path, count: int, interval: float, *,
+                          background: bool) -> tuple[list[tuple[float, float, int]], list[float]]:
+    """count of QEMU's snapshots, one every interval as the engine schedules its checkpoints
+    (start to start; one that runs past the next start delays it): each one's (pause, total,
+    bytes), and the wall times they started at."""
+    taken, starts = [], []
+    next_at = time.monotonic()
+    for _ in range(count):
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        next_at = max(next_at, time.monotonic())
+        starts.append(time.time())
+        taken.append(await _qemu_snapshot(qmp, path, background=background))
+    return taken, starts
 
 
 async def _booted(workdir: Path, mem: str, strategy: str,
@@ -289,7 +357,8 @@ async def qemu_interval_experiment(workdir: Path, *, mem: str = "256M",
                     engine.on_committed = kept.append
                     await engine.run(asyncio.Event(),
                                      max_checkpoints=engine.committed + checkpoints)
-                    rows.append({"strategy": strategy, "interval_s": interval,
+                    rows.append({"strategy": strategy,
+                                 **interval_kept(kept, interval, skip=0),
                                  **_pause_row(kept, skip=0)})
     return rows
 
@@ -304,7 +373,8 @@ def _pause_parts(records: list[dict]) -> dict:
 def _snapshot_row(kind: str, taken: list[tuple[float, float, int]]) -> dict:
     pauses = [p for p, _, _ in taken]
     return {"kind": kind, "n": len(taken), "pause_p50_ms": _ms(pauses, 50),
-            "pause_p99_ms": _ms(pauses, 99),
+            "pause_p99_ms": _ms(pauses, 99), "pause_min_ms": _ms(pauses, 0),
+            "pause_max_ms": _ms(pauses, 100),
             "total_p50_ms": _ms([t for _, t, _ in taken], 50),
             "MB_per_checkpoint": statistics.median(b for _, _, b in taken) / 1e6}
 
@@ -318,7 +388,8 @@ FULL: dict[str, dict[str, object]] = {
     "scaling": {"duration": 20.0},
     "priority": {"duration": 20.0},
     "hugepages": {"size": "1G", "duration": 20.0},
-    "qemu": {"mems": ("256M", "1G"), "works": ("idle", "dirty"), "checkpoints": 30},
+    "qemu": {"mems": ("256M", "1G"), "works": ("idle", "dirty"), "checkpoints": 40,
+             "snapshots": 40},
 }
 
 EXPERIMENTS = {"interval": interval_experiment, "qemu-interval": qemu_interval_experiment,

@@ -133,8 +133,10 @@ class Tracker:
     def _check(self, rc: int, what: str) -> None:
         """Raises for a native failure: RamGone if the target's mapping is gone (ENOENT: the
         range is no longer registered; EINVAL/ESRCH: an exiting target's range could not be
-        registered again while moving between uffds), else TrackerError."""
-        if rc == -errno.ENOENT or (rc in (-errno.EINVAL, -errno.ESRCH) and not self._mapped()):
+        registered again while moving between uffds; ENOMEM: the kernel's answer to a register
+        in a process whose memory is already torn down), else TrackerError."""
+        if rc == -errno.ENOENT or (rc in (-errno.EINVAL, -errno.ESRCH, -errno.ENOMEM)
+                                   and not self._mapped()):
             raise RamGone("the program unmapped its guest RAM")
         if rc < 0:
             raise TrackerError(f"{what} failed: {os.strerror(-rc)}")
