@@ -30,6 +30,7 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,27 @@ class Holding:
         return ckpt
 
 
-def hooks(refdir: Path) -> Any:
-    """The on_engine hook that saves references and holds where VMCKPT_TEST_HOLD says."""
+def hooks(refdir: Path, hold: Callable[[str, int], None] | None = None
+          ) -> Callable[[Engine], None]:
+    """The on_engine hook that saves references and calls hold(phase, n) at each point of the
+    cycle (see Holding); by default, holds where VMCKPT_TEST_HOLD says."""
+    hold = hold or env_hold()
+
+    def install(engine: Engine) -> None:
+        store = Holding(engine.store, hold, refdir)
+
+        def save(engine: Engine) -> None:
+            store.paused += 1
+            (refdir / ".pending").write_text(hashlib.sha256(engine.tracker.ram_view()).hexdigest())
+            hold("pause", store.paused)
+
+        engine.on_paused = save
+        engine.store = store  # type: ignore[assignment]
+
+    return install
+
+
+def env_hold() -> Callable[[str, int], None]:
     phase, _, n = os.environ.get("VMCKPT_TEST_HOLD", ":0").partition(":")
     assert phase in HOLDS or not phase, phase
     release = os.environ.get("VMCKPT_TEST_RELEASE")
@@ -89,18 +109,7 @@ def hooks(refdir: Path) -> Any:
             with open(int(release), "rb", buffering=0, closefd=False) as f:
                 f.readline()
 
-    def install(engine: Engine) -> None:
-        store = Holding(engine.store, hold, refdir)
-
-        def save(engine: Engine) -> None:
-            store.paused += 1
-            (refdir / ".pending").write_text(hashlib.sha256(engine.tracker.ram_view()).hexdigest())
-            hold("pause", store.paused)
-
-        engine.on_paused = save
-        engine.store = store  # type: ignore[assignment]
-
-    return install
+    return hold
 
 
 def run_engine(store_path: Path, refdir: Path, argv: list[str]) -> None:
