@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -173,7 +174,7 @@ class HookedCli:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "engine_with_refs.py"),
                                       "--cli", str(refdir), *args], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     pass_fds=(read_end,))
+                                     pass_fds=(read_end,), start_new_session=True)
         os.close(read_end)
         self._readers = [threading.Thread(target=self._read, args=(f, on), daemon=True)
                          for f, on in ((self.proc.stdout, self._on_out),
@@ -196,6 +197,11 @@ class HookedCli:
             return self._held.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(f"the engine did not hold: {''.join(self.lines)}") from None
+
+    def ctrl_c(self) -> None:
+        """SIGINT as a terminal's Ctrl-C sends it: to every process of the foreground group
+        (vmckpt's; it leads its own here), the program it runs too if that is in it."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def release(self) -> None:
         os.write(self._release, b"go\n")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,7 +122,7 @@ def test_ctrl_c_commits_the_checkpoint_in_flight(tmp_path, phase):
                     hold=f"{phase}:3")
     try:
         assert run.held() == (phase, 3)
-        run.proc.send_signal(signal.SIGINT)
+        run.ctrl_c()
         run.release()
         assert run.wait() == 0, run.stderr
     finally:

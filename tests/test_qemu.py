@@ -189,7 +189,7 @@ def test_ctrl_c(tmp_path, detach, phase):
                     *(["--detach-on-exit"] if detach else []), "--", *argv, hold=f"{phase}:4")
     try:
         assert run.held() == (phase, 4)
-        run.proc.send_signal(signal.SIGINT)
+        run.ctrl_c()
         run.release()
         assert run.wait() == 0, run.stderr
         if detach:

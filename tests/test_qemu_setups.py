@@ -26,7 +26,7 @@ from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.ram import RamMismatch, machine_ram
 from vmckpt.engine.qemu.testguest import qemu_argv
-from vmckpt.engine.session import TrackedProgram
+from vmckpt.engine.session import TrackedProgram, uses_terminal
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store
@@ -147,6 +147,15 @@ def test_a_region_that_is_not_the_backend_is_refused(tmp_path):
 
 # --- 12. memfd without share=, and JSON -object -----------------------------------------------
 
+@pytest.mark.parametrize("args,uses", [
+    (["-display", "none", "-serial", "file:log"], False), (["-nographic"], True),
+    (["-serial", "mon:stdio"], True), (["-chardev", "stdio,id=c0"], True),
+    (["-display", "curses"], True)])
+def test_a_qemu_that_does_not_use_the_terminal_gets_its_own_session(args, uses):
+    # Else a Ctrl-C in the terminal ends QEMU too (test_qemu.py::test_ctrl_c).
+    assert uses_terminal(["qemu-system-x86_64", *args], None) is uses
+
+
 def test_argv_accepts_memfd_without_share_and_json_objects():
     for obj in ["memory-backend-memfd,id=mem0,size=64M",
                 '{"qom-type":"memory-backend-memfd","id":"mem0","size":67108864}',
@@ -265,7 +274,7 @@ def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
         finally:
             monitor.close()
         assert status["running"] is False, status
-        run.proc.send_signal(signal.SIGINT)
+        run.ctrl_c()
         run.release()
         assert run.wait(timeout=60) == 0, run.stderr
     finally:
