@@ -272,7 +272,10 @@ class Engine:
                 if delay > 0:
                     try:
                         await asyncio.wait_for(stop.wait(), delay)
-                        break
+                        if not self._pre:
+                            break
+                        # Stopped after this checkpoint's pre-arm: it is in flight (its pages
+                        # are drained), so it is taken now and committed like any other.
                     except TimeoutError:
                         pass
                 rec = await self.checkpoint(stretched=stretched, slack=slack)

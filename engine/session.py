@@ -23,7 +23,7 @@ from vmckpt.engine.handoff import (
     preload_path,
 )
 from vmckpt.engine.qemu.argv import add_memory_backend as add_memory_backend_to
-from vmckpt.engine.qemu.argv import find_ram_backend, is_qemu, with_qmp
+from vmckpt.engine.qemu.argv import find_ram_backend, is_qemu, qemu_uses_terminal, with_qmp
 from vmckpt.engine.qemu.qmp import Qmp
 from vmckpt.engine.qemu.ram import machine_ram
 from vmckpt.engine.qemu.target import QemuTarget
@@ -73,14 +73,26 @@ async def attach(listener: HandoffListener, proc: asyncio.subprocess.Process,
         "-machine memory-backend=mem0)")
 
 
+def uses_terminal(argv: Sequence[str], stdin: int | None) -> bool:
+    """Whether the program may use vmckpt's terminal. One that does not is started in its own
+    session: a Ctrl-C in the terminal then reaches vmckpt only, which commits the checkpoint
+    in flight and stops the program (or leaves it running, --detach-on-exit); QEMU would
+    otherwise end on that SIGINT itself, in the middle of it. One that does stays in the
+    terminal's foreground group, where it may read and set the terminal."""
+    if is_qemu(argv):
+        return qemu_uses_terminal(argv)
+    return os.isatty(0 if stdin is None else stdin)
+
+
 async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.0,
                  min_ram: int = 32 << 20, stdin: int | None = None,
                  stdout: int | None = None, stderr: int | None = None,
                  ) -> tuple[asyncio.subprocess.Process, GuestRam, HandoffListener]:
     """Starts argv with the preload library and waits for its guest RAM."""
     listener = HandoffListener(sock)
-    proc = await asyncio.create_subprocess_exec(*argv, env=preload_env(sock, min_ram),
-                                                stdin=stdin, stdout=stdout, stderr=stderr)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=preload_env(sock, min_ram), stdin=stdin, stdout=stdout, stderr=stderr,
+        start_new_session=not uses_terminal(argv, stdin))  # (uvloop has no process_group)
     try:
         ram = await attach(listener, proc, attach_timeout, min_ram)
     except AttachError:

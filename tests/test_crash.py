@@ -108,8 +108,8 @@ def check_store(tmp: Path, refs: Path, phase: str, held_at: int, newest: int = 0
             (phase, held_at)
         for rec in records[-newest:]:
             restore_image(s, rec["id"], tmp / "img")
-            got = hashlib.sha256((tmp / "img").read_bytes()).digest()
-            assert got == (refs / f"{rec['id']}.sha256").read_bytes(), rec["id"]
+            got = hashlib.sha256((tmp / "img").read_bytes()).hexdigest()
+            assert got == (refs / f"{rec['id']}.sha256").read_text(), rec["id"]
     check = subprocess.run([VMCKPT, "check", "--read-data", "--store", str(store)],
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.startswith("sound"), check

@@ -5,19 +5,25 @@ the error paths."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import shutil
-import signal
 import socket
 import subprocess
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 from conftest import run_with_references
+from engine_with_refs import hooks
 from test_inspect import (
     VMCKPT,
     as_json,
@@ -28,10 +34,11 @@ from test_inspect import (
     raw_db,
     run_synth,
     vmckpt,
-    wait_for,
 )
 from vmckpt.engine.cycle import EngineOptions
+from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.engine.synthguest import command as synth
+from vmckpt.engine.synthguest import seed_page
 from vmckpt.storage import MapDelta, PageStore, open_store, restore_image
 from vmckpt.storage.gc import referenced
 from vmckpt.storage.inspect import device_ids, map_chain
@@ -97,7 +104,7 @@ def digest(ram: memoryview) -> bytes:
 def restored_digest(store: Path, ckpt: int, tmp_path: Path) -> bytes:
     path = tmp_path / "ram.img"
     with open_store(store, readonly=True) as s:
-        restore_image(s, ckpt, path)
+        restore_image(s, ckpt, path, progress=False)
     return hashlib.sha256(path.read_bytes()).digest()
 
 
@@ -209,48 +216,205 @@ def test_a_page_put_while_gc_runs_is_kept(tmp_path):
     assert vmckpt("check", "--store", str(store), "--read-data").returncode == 0
 
 
-def test_prune_and_gc_while_an_engine_commits(tmp_path):
-    store = tmp_path / "store"
+class Guest:
+    """The synthetic guest in --control mode: it writes the pages the test tells it to."""
+
+    def __init__(self) -> None:
+        self.cmd_r, self.cmd_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        self.out: Any = None
+
+    def started(self) -> None:
+        os.close(self.cmd_r)
+        os.close(self.out_w)
+        self.out = os.fdopen(self.out_r)
+        assert self.out.readline().startswith("READY")
+
+    def write(self, page: int, seed: int) -> None:
+        os.write(self.cmd_w, f"w {page} {seed}\n".encode())
+        assert self.out.readline() == "ok\n"
+
+    def close(self) -> None:
+        os.close(self.cmd_w)
+        self.out.close()
+
+
+def scripted_run(store: Path, refdir: Path, guest_args: list[str], checkpoints: int,
+                 script: dict[tuple[str, int], Callable[[Guest], None]], *,
+                 parent: int | None = None,
+                 before: Callable[[PageStore], None] | None = None) -> None:
+    """Checkpoints the guest in this process; at each (phase, n) of the script (phases as in
+    engine_with_refs.Holding, n counting this run's checkpoints) its action runs on the
+    engine's thread, which waits for it: the guest's writes land in checkpoint n + 1 exactly,
+    and `vmckpt prune/gc` reach the engine on control.sock at the point chosen. The RAM at
+    every pause is in refdir/ID.sha256."""
+    refdir.mkdir(exist_ok=True)
+    guest = Guest()
+
+    def hold(at: str, n: int) -> None:
+        if act := script.pop((at, n), None):
+            act(guest)
+
+    async def go() -> None:
+        with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
+            prog = await TrackedProgram.start(
+                synth("--size", "4M", *guest_args, "--control"), Path(tmp) / "engine.sock",
+                copiers=2, min_ram=4 << 20, stdin=guest.cmd_r, stdout=guest.out_w)
+            guest.started()
+            with open_store(store, create=True) as s:
+                if before:
+                    before(s)
+                assert await checkpoint_program(
+                    prog, s, EngineOptions(interval=0.05, copiers=2), parent=parent,
+                    max_checkpoints=checkpoints, on_engine=hooks(refdir, hold)) == 0
+
+    try:
+        asyncio.run(go())
+    finally:
+        guest.close()
+    assert not script, f"never reached: {sorted(script)}"
+
+
+def pid(seed: int) -> bytes:
+    """The page id of the page the guest writes for seed."""
+    return hashlib.sha256(seed_page(seed)).digest()
+
+
+A, B, C, D, E = 101, 102, 103, 104, 105  # page contents (seeds)
+NOTHING = ["--keep-within", "0s"]  # a policy that keeps no checkpoint
+
+
+def test_prune_and_gc_beside_a_running_engine(tmp_path):
+    """prune and gc through control.sock while the engine runs, at chosen points of its cycle:
+    the engine keeps the checkpoint it continues from when the policy keeps nothing; pages of
+    the checkpoint in flight survive a gc while prune dropped the only checkpoints that held
+    them (put before the gc, and put while gc marks); restores made meanwhile are the RAM at
+    their pauses; then a branch (an engine continuing from an older checkpoint) keeps its
+    parent."""
+    store, refs = tmp_path / "store", tmp_path / "refs"
     open_store(store, create=True).close()
     leave_stale_socket(store)  # the engine replaces it
-    engine = subprocess.Popen(
-        [*VMCKPT, "run", "--store", str(store), "--interval", "0.1s", "--min-ram", "4M", "--",
-         *synth("--size", "8M", "--rate", "5000", "--dup", "0.6", "--popular", "1024")],
-        stderr=subprocess.PIPE, text=True)
-    try:
-        def checkpoints() -> list[dict]:
-            return as_json("ls", "--store", str(store))
+    marking, drained, slow = threading.Event(), threading.Event(), threading.Event()
+    gc_run: list[subprocess.Popen] = []
+    seen: dict[str, Any] = {}
 
-        wait_for(lambda: len(checkpoints()) >= 20, 60, "20 checkpoints")
-        assert as_json("gc", "--store", str(store), "--dry-run")["forwarded"]
-        freed, newest_at_gc = 0, 0
-        for _ in range(4):
-            pruned = as_json("prune", "--store", str(store), "--keep-last", "3",
-                             "--keep-every", "5")
-            assert pruned["forwarded"] and not pruned["dry_run"]
-            newest_at_gc = checkpoints()[-1]["id"]
-            gc = as_json("gc", "--store", str(store))
-            assert gc["forwarded"]
-            freed += gc["pages_freed"]
-        assert freed > 0
-        wait_for(lambda: checkpoints()[-1]["id"] > newest_at_gc + 5, 60, "more checkpoints")
-        text = ok("gc", "--store", str(store)).stdout
-        assert "by the engine that holds the store" in text
-    finally:
-        engine.send_signal(signal.SIGINT)  # the checkpoint in flight is committed
-        _, err = engine.communicate(timeout=60)
-    assert engine.returncode == 0, err
+    def ref(ckpt: int) -> str:
+        return (refs / f"{ckpt}.sha256").read_text()
+
+    def restored(ckpt: int) -> str:  # `vmckpt restore --image` while the engine holds the store
+        img = tmp_path / f"live{ckpt}.img"
+        ok("restore", "--store", str(store), "--image", str(img), str(ckpt))
+        try:
+            return hashlib.sha256(img.read_bytes()).hexdigest()
+        finally:
+            img.unlink()
+
+    def prune() -> dict:
+        done = as_json("prune", "--store", str(store), *NOTHING)
+        assert done["forwarded"] and not done["dry_run"]
+        return done
+
+    def gc() -> dict:
+        done = as_json("gc", "--store", str(store))
+        assert done["forwarded"]
+        return done
+
+    def holding_mark(s: PageStore) -> None:
+        """While slow is set, gc's mark waits for the engine's drain to be done."""
+        real = s.sweep
+
+        def sweep(mark: Callable[[], set[bytes]], **kw: Any) -> Any:
+            def held_mark() -> set[bytes]:
+                if slow.is_set():
+                    marking.set()
+                    assert drained.wait(60), "the drain did not end"
+                return mark()
+            return real(held_mark, **kw)
+
+        s.sweep = sweep  # type: ignore[method-assign]
+
+    def in_flight_4(_: Guest) -> None:
+        # Checkpoint 4 is drained: its page A is a dedup hit on what only checkpoint 2 holds.
+        seen["prune4"] = prune()
+        assert restored(3) == ref(3)
+        seen["gc4"] = gc()
+        assert pid(A) in stored_ids(store), "gc freed a page of the checkpoint in flight"
+
+    def committed_4(guest: Guest) -> None:
+        # Committed, and the engine has not yet taken 4 as the checkpoint it continues from.
+        seen["prune4c"] = prune()
+        guest.write(1, C)  # checkpoint 5 puts C, which only 3 holds
+
+    def draining_5(_: Guest) -> None:
+        # Before checkpoint 5 puts C: prune drops 3 (C's only holder), and gc starts marking.
+        seen["prune5"] = prune()
+        slow.set()
+        gc_run.append(subprocess.Popen([*VMCKPT, "gc", "--store", str(store), "--json"],
+                                       stdout=subprocess.PIPE, text=True))
+        assert marking.wait(60), "gc did not begin"
+
+    def drained_5(_: Guest) -> None:
+        drained.set()  # C was put while gc marked; now it sweeps
+        out, _ = gc_run[0].communicate(timeout=120)
+        assert gc_run[0].returncode == 0
+        seen["gc5"] = json.loads(out)
+        slow.clear()
+        stored = stored_ids(store)
+        assert pid(C) in stored, "gc freed a page put while it marked"
+        assert pid(B) not in stored, "gc kept a page no checkpoint holds"
+
+    def committed_5(guest: Guest) -> None:
+        assert restored(4) == ref(4)  # its page A survived the gc it was in flight through
+        assert restored(5) == ref(5)
+        assert "by the engine that holds the store" in ok("gc", "--store", str(store)).stdout
+        guest.write(2, E)
+
+    scripted_run(store, refs, ["--fill", "0.25"], 6, {
+        ("committed", 1): lambda g: g.write(0, A),
+        ("committed", 2): lambda g: (g.write(0, B), g.write(1, C)),
+        ("committed", 3): lambda g: (g.write(0, A), g.write(1, D)),
+        ("commit", 4): in_flight_4,
+        ("committed", 4): committed_4,
+        ("drain", 5): draining_5,
+        ("commit", 5): drained_5,
+        ("committed", 5): committed_5,
+    }, before=holding_mark)
+    # The policy kept nothing; the engine kept the checkpoint it continues from: its parent
+    # while 4 was in flight, the newest once 4 was committed (the engine's parent was still 3).
+    assert (seen["prune4"]["kept"], seen["prune4"]["dropped"]) == ([3], [1, 2])
+    assert 4 in seen["prune4c"]["kept"] and set(seen["prune4c"]["kept"]) <= {3, 4}
+    assert seen["prune5"]["kept"] == [4]
+    assert seen["gc5"]["pages_freed"] > 0 and seen["gc5"]["forwarded"]
+    records = {r["id"]: r for r in as_json("ls", "--store", str(store))}
+    assert [(i, r["parent"]) for i, r in records.items()] == [(4, None), (5, 4), (6, 5)]
     assert not (store / "control.sock").exists()
-    r = vmckpt("check", "--store", str(store), "--read-data")
-    assert r.returncode == 0 and r.stdout.startswith("sound:"), r.stdout
-    records = checkpoints()
-    later = [r["id"] for r in records if r["id"] > newest_at_gc]
-    assert len(later) > 5
-    assert needed(store, later) <= stored_ids(store)
-    assert as_json("stats", "--store", str(store))["stored_pages"] == len(stored_ids(store))
+    for ckpt in records:
+        assert restored_digest(store, ckpt, tmp_path).hex() == ref(ckpt), ckpt
+    assert stored_ids(store) == needed(store)  # nothing missing, nothing left over
+
+    # A branch: an engine continuing from checkpoint 5 (its RAM restored into the guest's
+    # file), which is not the newest. Its first checkpoint in flight, prune keeps 5 for it.
+    shm = Path(f"/dev/shm/vmckpt-test-{os.getpid()}-branch")
     with open_store(store, readonly=True) as s:
-        for rec in records:
-            restore_image(s, rec["id"], tmp_path / "ram.img")
+        restore_image(s, 5, shm, progress=False)
+
+    def branch_in_flight(_: Guest) -> None:
+        seen["prune_branch"] = prune()
+
+    try:
+        scripted_run(store, refs, ["--shm", str(shm), "--fill", "0"], 2,
+                     {("commit", 1): branch_in_flight}, parent=5)
+    finally:
+        shm.unlink(missing_ok=True)
+    assert seen["prune_branch"]["kept"] == [5, 6]  # its parent, and the newest
+    records = {r["id"]: r for r in as_json("ls", "--store", str(store))}
+    assert [(i, r["parent"]) for i, r in records.items()] == [(5, None), (6, 5), (7, 5),
+                                                              (8, 7)]
+    assert ref(7) == ref(5)  # the guest wrote nothing since: the branch begins at 5's RAM
+    for ckpt in records:
+        assert restored_digest(store, ckpt, tmp_path).hex() == ref(ckpt), ckpt
+    r = vmckpt("check", "--store", str(store), "--read-data")
+    assert r.returncode == 0 and r.stdout.startswith("sound: 4 of 4"), r.stdout
     # Stopped, the store is collected by the command itself, and nothing more is freed.
     assert not as_json("gc", "--store", str(store))["forwarded"]
     assert stored_ids(store) == needed(store)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_with_refs import HookedCli, image_digest
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.qemu.restore import restore_qemu
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
@@ -149,10 +150,10 @@ class Run:
             os.kill(qemu, signal.SIGKILL)
 
 
-def assert_guest_runs_on(run: Run) -> None:
-    assert pid_alive(int(run.pidfile.read_text()))
-    before = last_tick(run.log)
-    wait_for(lambda: last_tick(run.log) >= before + 2, 20, "the guest to keep counting")
+def assert_guest_runs_on(pidfile: Path, log: Path) -> None:
+    assert pid_alive(int(pidfile.read_text()))
+    before = last_tick(log)
+    wait_for(lambda: last_tick(log) >= before + 2, 20, "the guest to keep counting")
 
 
 def test_guest_power_off_ends_the_run_with_qemu_status(tmp_path):
@@ -166,23 +167,36 @@ def test_guest_power_off_ends_the_run_with_qemu_status(tmp_path):
         run.cleanup()
 
 
-@pytest.mark.parametrize("detach", [True, False])
-def test_ctrl_c(tmp_path, detach):
-    run = Run(tmp_path, *(["--detach-on-exit"] if detach else []), rate=5000)
+@pytest.mark.parametrize("detach,phase", [(True, "pause"), (False, "drain")],
+                         ids=["detach, in a pause", "in a drain"])
+def test_ctrl_c(tmp_path, detach, phase):
+    # Ctrl-C lands while checkpoint 4 is in that phase (the engine holds there until it is
+    # sent): 4 is committed, restores to the RAM at its pause and is the last one; then QEMU
+    # is stopped, or left running with --detach-on-exit.
+    store, log, pidfile = tmp_path / "store", tmp_path / "serial.log", tmp_path / "qemu.pid"
+    argv = [*qemu_argv(mem="256M", work="dirty", rate=5000, mb=96, serial=f"file:{log}"),
+            "-pidfile", str(pidfile)]
+    run = HookedCli(tmp_path / "refs", "-v", "run", "--store", str(store), "--interval", "0.5s",
+                    *(["--detach-on-exit"] if detach else []), "--", *argv, hold=f"{phase}:4")
     try:
-        run.wait_boot()
-        run.engine.send_signal(signal.SIGINT)
-        assert run.engine.wait(timeout=60) == 0
+        held, n = run.held()  # a drain hold: at the first from checkpoint 4 on
+        assert held == phase and (n == 4 or phase == "drain" and n > 4)
+        run.ctrl_c()
+        run.release()
+        assert run.wait() == 0, run.stderr
         if detach:
-            assert_guest_runs_on(run)
+            wait_for(lambda: last_tick(log) >= 1, 60, "the guest to boot")
+            assert_guest_runs_on(pidfile, log)
         else:
-            wait_for(lambda: not run.pidfile.exists(), 10, "QEMU to stop")
-        with open_store(tmp_path / "store", readonly=True) as s:
-            assert s.list_checkpoints()
-            for rec in s.list_checkpoints():  # whatever was committed is whole
-                restore_image(s, rec["id"], tmp_path / "img", progress=False)
+            wait_for(lambda: not pidfile.exists(), 10, "QEMU to stop")
+        assert f"checkpoint {n}: pause" in run.stderr, run.stderr
+        with open_store(store, readonly=True) as s:
+            assert [r["id"] for r in s.list_checkpoints()] == list(range(1, n + 1))
+        assert image_digest(store, n, tmp_path) == run.ref(n)
     finally:
-        run.cleanup()
+        run.kill()
+        if pidfile.exists() and pid_alive(qemu := int(pidfile.read_text())):
+            os.kill(qemu, signal.SIGKILL)
 
 
 def vmckpt(*args: str) -> subprocess.CompletedProcess[str]:
@@ -214,17 +228,18 @@ def test_refusals_and_readable_restore_errors(tmp_path):
     r = vmckpt("run", "--store", store, "--add-memory-backend", "--max-checkpoints", "1",
                "--", *plain)
     assert r.returncode == 0, r.stderr
-    r = vmckpt("restore", "--store", store, "2", "--checkpoint", "--max-checkpoints", "3",
-               "--interval", "0.3s", "--", *plain)
-    assert r.returncode == 0, r.stderr
+    run = HookedCli(tmp_path / "refs", "restore", "--store", store, "2", "--checkpoint",
+                    "--max-checkpoints", "3", "--interval", "0.3s", "--", *plain)
+    assert run.wait() == 0, run.stderr
     with open_store(store, readonly=True) as s:
         branch = s.list_checkpoints()[3:]
+        # Its parent is the checkpoint it was restored from.
         assert [(c["id"], c["parent"]) for c in branch] == [(4, 2), (5, 4), (6, 5)]
         # Its first checkpoint owes the restored RAM, which the store already holds.
         assert branch[0]["dedup_hits"] > 0 and branch[0]["pages_stored_new"] < \
             branch[0]["dedup_hits"]
-        for c in branch:
-            restore_image(s, c["id"], tmp_path / "img", progress=False)
+    for c in branch:  # each restores to the restored VM's RAM at its pause
+        assert image_digest(Path(store), c["id"], tmp_path) == run.ref(c["id"]), c["id"]
 
 
 def test_serve_checkpoints_a_qemu_started_by_someone_else(tmp_path):

@@ -17,6 +17,7 @@ from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import pytest
+from engine_with_refs import HookedCli, image_digest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from test_crash import proc_state
 from vmckpt.engine.cycle import Engine, EngineOptions
@@ -25,7 +26,7 @@ from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.ram import RamMismatch, machine_ram
 from vmckpt.engine.qemu.testguest import qemu_argv
-from vmckpt.engine.session import TrackedProgram
+from vmckpt.engine.session import TrackedProgram, uses_terminal
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
 from vmckpt.storage import open_store
@@ -146,6 +147,15 @@ def test_a_region_that_is_not_the_backend_is_refused(tmp_path):
 
 # --- 12. memfd without share=, and JSON -object -----------------------------------------------
 
+@pytest.mark.parametrize("args,uses", [
+    (["-display", "none", "-serial", "file:log"], False), (["-nographic"], True),
+    (["-serial", "mon:stdio"], True), (["-chardev", "stdio,id=c0"], True),
+    (["-display", "curses"], True)])
+def test_a_qemu_that_does_not_use_the_terminal_gets_its_own_session(args, uses):
+    # Else a Ctrl-C in the terminal ends QEMU too (test_qemu.py::test_ctrl_c).
+    assert uses_terminal(["qemu-system-x86_64", *args], None) is uses
+
+
 def test_argv_accepts_memfd_without_share_and_json_objects():
     for obj in ["memory-backend-memfd,id=mem0,size=64M",
                 '{"qom-type":"memory-backend-memfd","id":"mem0","size":67108864}',
@@ -250,18 +260,13 @@ def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
     r = vmckpt("run", "--store", store, "--add-memory-backend", "--max-checkpoints", "1",
                "--", *plain)
     assert r.returncode == 0, r.stderr
-    engine = subprocess.Popen([VMCKPT, "-v", "restore", "--store", store, "1", "--paused",
-                               "--checkpoint", "--interval", "0.2s", "--", *plain,
-                               "-qmp", f"unix:{user},server=on,wait=off"],
-                              stderr=subprocess.PIPE, text=True)
+    # The restored branch: checkpoints 2, 3, 4; Ctrl-C lands while 4 is committing (the
+    # engine holds there until it is sent).
+    run = HookedCli(tmp_path / "refs", "-v", "restore", "--store", store, "1", "--paused",
+                    "--checkpoint", "--interval", "0.2s", "--", *plain,
+                    "-qmp", f"unix:{user},server=on,wait=off", hold="commit:3")
     try:
-        assert engine.stderr
-        committed = 0
-        for line in engine.stderr:  # the restored branch: checkpoints 2, 3, 4
-            committed += line.startswith("vmckpt: checkpoint ")
-            if committed == 3:
-                break
-        assert committed == 3
+        assert run.held() == ("commit", 3)
         monitor = QEMUMonitorProtocol(str(user))
         monitor.connect()
         try:
@@ -269,11 +274,19 @@ def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
         finally:
             monitor.close()
         assert status["running"] is False, status
-        engine.send_signal(signal.SIGINT)
-        assert engine.wait(timeout=60) == 0
+        run.ctrl_c()
+        run.release()
+        assert run.wait(timeout=60) == 0, run.stderr
     finally:
-        engine.kill()
-        engine.wait()
+        run.kill()
+    with open_store(store, readonly=True) as s:
+        assert [(r["id"], r["parent"]) for r in s.list_checkpoints()] == \
+            [(1, None), (2, 1), (3, 2), (4, 3)]
+    # Paused throughout: each checkpoint of the branch is its RAM at the pause, which is
+    # checkpoint 1's.
+    first = image_digest(Path(store), 1, tmp_path)
+    for ckpt in (2, 3, 4):
+        assert image_digest(Path(store), ckpt, tmp_path) == run.ref(ckpt) == first, ckpt
 
 
 def test_a_stopped_program_stays_stopped_while_it_is_checkpointed(tmp_path):

@@ -91,7 +91,7 @@ def test_engine_killed_at_random_moments_leaves_qemu_running_and_the_store_sound
             last = next((p for line in reversed(run.lines)
                          for p in ("pausing", "draining", "checkpoint ") if p in line), "?")
             phases[last] = phases.get(last, 0) + 1
-            assert_guest_runs_on(run)
+            assert_guest_runs_on(run.pidfile, run.log)
         finally:
             run.cleanup()
         store = str(tmp / "store")

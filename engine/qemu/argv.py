@@ -27,6 +27,13 @@ def is_qemu(argv: Sequence[str]) -> bool:
     return Path(argv[0]).name.startswith("qemu-system")
 
 
+def qemu_uses_terminal(argv: Sequence[str]) -> bool:
+    """Whether QEMU talks to its terminal: a stdio chardev (-serial stdio, mon:stdio,
+    -chardev stdio), -nographic, or a curses display."""
+    return any(a in ("-nographic", "--nographic") or "stdio" in a or a.startswith("curses")
+               for a in argv[1:])
+
+
 def split_opts(text: str) -> list[str]:
     """QEMU's `a=b,c=d` option syntax (`,,` is a literal comma)."""
     parts, cur, i = [], "", 0
