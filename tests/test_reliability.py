@@ -51,20 +51,20 @@ def kill_held_qemu(tmp: Path, phase: str, held_at: int) -> None:
     engine, refs = start_held(tmp, argv, phase, held_at,
                               VMCKPT_TEST_INTERVAL="0.3", VMCKPT_TEST_HOLD_ON_SIGNAL="1")
     try:
-        wait_for(lambda: last_tick(log) >= 1, 120, "the guest to boot")
-        engine.send_signal(signal.SIGUSR1)
-        held_at = wait_held(engine, phase)
-        if phase == "pause":
-            # Stopped, its device state saved (a migration to a file: "postmigrate").
-            assert not qemu_status(qmp)["running"]
-    finally:
-        engine.kill()
-        engine.wait()
-    try:
+        try:
+            wait_for(lambda: last_tick(log) >= 1, 120, "the guest to boot")
+            engine.send_signal(signal.SIGUSR1)
+            held_at = wait_held(engine, phase)
+            if phase == "pause":
+                # Stopped, its device state saved (a migration to a file: "postmigrate").
+                assert not qemu_status(qmp)["running"]
+        finally:
+            engine.kill()
+            engine.wait()
         wait_for(lambda: qemu_status(qmp)["running"], 20, "the keeper to continue QEMU")
         before = last_tick(log)
         wait_for(lambda: last_tick(log) >= before + 2, 30, "the guest to keep counting")
-    finally:
+    finally:  # whatever failed: no QEMU left behind
         if pidfile.exists():
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
     check_store(tmp, refs, phase, held_at, newest=3)  # those nearest the kill: 128 MiB each
