@@ -142,6 +142,7 @@ class Engine:
         p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
         record = {
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
+            "disks_not_captured": self.target.uncaptured_disks,
             "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name,
                                          "argv": self.target.argv},
             "pages_dirtied": copied.dirtied, "pages_stored_new": copied.new,

@@ -94,7 +94,7 @@ def join_opts(opts: dict[str, str], implied: str) -> str:
     return ",".join(items)
 
 
-def _option_values(argv: Sequence[str], *names: str) -> list[tuple[int, str]]:
+def option_values(argv: Sequence[str], *names: str) -> list[tuple[int, str]]:
     """(index of the value, value) of every `-name value` / `--name value` / `-name=value`."""
     found = []
     for i, arg in enumerate(argv):
@@ -136,9 +136,9 @@ def _howto(size: str = "SIZE") -> str:
 def find_ram_backend(argv: Sequence[str]) -> RamBackend:
     """The memory backend the machine uses for guest RAM; refuses one vmckpt cannot track."""
     machine: dict[str, str] = {}
-    for _, value in _option_values(argv, "machine", "M"):
+    for _, value in option_values(argv, "machine", "M"):
         machine.update(parse_opts(value, "type"))
-    mem = _option_values(argv, "m")
+    mem = option_values(argv, "m")
     size_hint = parse_opts(mem[-1][1], "size").get("size", "SIZE") if mem else "SIZE"
     if size_hint.isdigit():
         size_hint += "M"
@@ -148,7 +148,7 @@ def find_ram_backend(argv: Sequence[str]) -> RamBackend:
             "guest RAM must be a shared memory backend that vmckpt can track; add "
             f"{_howto(size_hint)}, or pass --add-memory-backend to let vmckpt add a memfd "
             "backend for -m")
-    for index, value in _option_values(argv, "object"):
+    for index, value in option_values(argv, "object"):
         opts = object_opts(value)
         if opts.get("id") != backend_id:
             continue
@@ -179,7 +179,7 @@ def find_ram_backend(argv: Sequence[str]) -> RamBackend:
 
 def add_memory_backend(argv: Sequence[str]) -> list[str]:
     """`-m SIZE` without a backend becomes a shared memfd backend of that size."""
-    mem = _option_values(argv, "m")
+    mem = option_values(argv, "m")
     if not mem:
         raise QemuArgsError("--add-memory-backend needs -m SIZE to know the RAM size")
     size = parse_opts(mem[-1][1], "size")["size"]

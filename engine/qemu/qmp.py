@@ -83,7 +83,7 @@ class Qmp:
                 raise QemuError(f"no QMP monitor at {path} after {timeout:g} s: {err}")
             await asyncio.sleep(0.05)
 
-    async def cmd(self, name: str, **args: Any) -> Any:
+    async def cmd(self, name: str, /, **args: Any) -> Any:  # /: QMP has "name" arguments
         try:
             return await self.client.execute(name, args or None)
         except ExecuteError as e:

@@ -116,6 +116,10 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
         raise RestoreError(f"checkpoint {rec['id']} holds no QEMU device state (it was taken "
                            f"from a {rec['target']['kind']}): restore its RAM with --image")
     device = get_blob(store, rec["device_state"])
+    if missed := rec.get("disks_not_captured"):
+        log.warning("checkpoint %d did not capture the VM's disks (%s): the guest will see "
+                    "them as they are now, not as they were at the checkpoint", rec["id"],
+                    ", ".join(d["device"] for d in missed))
     for_restore(argv, "IMAGE", rec["ram_size"])  # refuses a wrong size before any work
     # Until the guest runs, SIGTERM stops the restore like Ctrl-C does (asyncio cancels the
     # task at its next await): the cleanup below runs, where SIGTERM's default would leave

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from vmckpt.engine.qemu.disks import find_disks
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.targets.base import TargetGone, pid_alive
 
@@ -51,6 +52,9 @@ class QemuTarget:
         # since (run state postmigrate) cannot be migrated again, and its devices are the same.
         self._saved: tuple[bytes, dict] | None = None
         self._saving: bytes | None = None
+        # Writable disks, which checkpoints do not capture yet: each record names them, and a
+        # restore warns that the guest will see them as they are then.
+        self.uncaptured_disks: list[dict] = []
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -61,7 +65,18 @@ class QemuTarget:
                  name: str = "qemu", argv: Sequence[str] | None = None) -> QemuTarget:
         """The target behind an open QMP connection (closed with the target)."""
         await qmp.set_ignore_shared()
-        return cls(qmp, qmp_path, pid, ram_length, name, argv)
+        target = cls(qmp, qmp_path, pid, ram_length, name, argv)
+        try:
+            disks, _ = await find_disks(qmp, argv or [])
+        except BaseException:
+            await target.close()
+            raise
+        target.uncaptured_disks = [d.as_record() for d in disks]
+        for d in disks:
+            log.warning("disk %s (%s) is not captured by the checkpoints: a restore gives the "
+                        "guest this disk as it is then, not as it was at the checkpoint",
+                        d.device, d.file)
+        return target
 
     def _mark(self, state: bytes) -> None:
         assert self._keeper.stdin

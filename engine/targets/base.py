@@ -22,6 +22,7 @@ class Target(Protocol):
     kind: str
     name: str
     argv: list[str] | None  # how it was started (recorded: a restore needs the same machine)
+    uncaptured_disks: list[dict]  # writable disks the checkpoints leave out (recorded)
 
     async def pause(self) -> None:
         """Returns once no guest thread can write guest RAM."""

@@ -32,6 +32,7 @@ class ProcessTarget:
     """
 
     kind = "process"
+    uncaptured_disks: list[dict] = []  # a plain process's files are its own business
 
     def __init__(self, pid: int, name: str | None = None, stop_timeout: float = 5.0,
                  argv: Sequence[str] | None = None) -> None:
