@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from engine_with_refs import HookedCli, image_digest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.qemu.restore import restore_qemu
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
@@ -148,6 +149,16 @@ class Run:
         self.engine.wait()
         if self.pidfile.exists() and pid_alive(qemu := int(self.pidfile.read_text())):
             os.kill(qemu, signal.SIGKILL)
+
+
+def qemu_status(qmp: Path) -> dict:
+    """query-status through the test's own QMP socket (the engine has its own)."""
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        return monitor.cmd("query-status")
+    finally:
+        monitor.close()
 
 
 def assert_guest_runs_on(pidfile: Path, log: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from engine_with_refs import HookedCli, image_digest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from test_crash import proc_state
+from test_qemu import qemu_status
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.handoff import GuestRam
 from vmckpt.engine.qemu.argv import QemuArgsError, find_ram_backend
@@ -267,12 +268,7 @@ def test_a_restore_paused_and_checkpointed_stays_paused(tmp_path):
                     "-qmp", f"unix:{user},server=on,wait=off", hold="commit:3")
     try:
         assert run.held() == ("commit", 3)
-        monitor = QEMUMonitorProtocol(str(user))
-        monitor.connect()
-        try:
-            status = monitor.cmd("query-status")
-        finally:
-            monitor.close()
+        status = qemu_status(user)
         assert status["running"] is False, status
         run.ctrl_c()
         run.release()

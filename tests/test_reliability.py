@@ -15,22 +15,11 @@ from pathlib import Path
 
 import pytest
 from engine_with_refs import PHASES
-from qemu.qmp.legacy import QEMUMonitorProtocol
 from test_crash import check_store, start_held, wait_held
-from test_qemu import VMCKPT, Run, assert_guest_runs_on, last_tick, wait_for
+from test_qemu import VMCKPT, Run, assert_guest_runs_on, last_tick, qemu_status, wait_for
 from vmckpt.engine.qemu.testguest import qemu_argv
 
 pytestmark = pytest.mark.reliability
-
-
-def qemu_status(qmp: Path) -> dict:
-    """query-status through the test's own QMP socket (the engine has its own)."""
-    monitor = QEMUMonitorProtocol(str(qmp))
-    monitor.connect()
-    try:
-        return monitor.cmd("query-status")
-    finally:
-        monitor.close()
 
 
 @pytest.mark.timeout(1800)  # --full: 5 kills a phase
