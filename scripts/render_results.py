@@ -187,7 +187,7 @@ def qemu_guests(doc: dict) -> str:
             "pause p50 / p99 (min–max)", "total", "MB per checkpoint", "interval kept",
             "paused migrate's pause ÷ this", "background-snapshot's bytes ÷ these",
             "pause parts p50 ms: stop + arm + device state + cont", "n"]
-    return table(head, out) + ratios_note(rows)
+    return table(head, out) + ratios_note(rows) + broke_note(rows)
 
 
 def qemu_full(doc: dict) -> str:
@@ -215,7 +215,7 @@ def qemu_full(doc: dict) -> str:
         if guests:
             cells += [pause(_by(mine, kind="qemu migrate (paused)", guest="wp")),
                       " / ".join(kept(r) for r in (d, mig, bg))]
-        out.append(cells + [f"{d['n']} / {mig['n']}"])
+        out.append(cells + [f"{d['n']} / {mig['n']}" + (f" / {bg['n']}" if guests else "")])
     where = " (the default's guest)" if guests else ""
     head = ["guest", "**default: pause p50 / p99" + (" (min–max)" if guests else "") + ", MB**",
             "wp", "async", "async + pre-arm", "hybrid",
@@ -224,8 +224,18 @@ def qemu_full(doc: dict) -> str:
             "ratios (migrate pause ÷ default's, background bytes ÷ default's)",
             *(["QEMU paused migrate on wp's guest",
                "interval kept (default / migrate / background-snapshot)"] if guests else []),
-            "n (vmckpt / QEMU)"]
-    return table(head, out)
+            "n (vmckpt / QEMU" + (" migrate / background-snapshot)" if guests else ")")]
+    return table(head, out) + broke_note(rows)
+
+
+def broke_note(rows: list[dict]) -> str:
+    """Where QEMU stopped taking its snapshots before the count asked for, and why."""
+    notes = [f"{LABELS[r['kind']]} on {GUESTS[r['guest']]}'s guest, {mib(r['ram'])} "
+             f"{'dirtying' if r['work'] == 'dirty' else r['work']}: QEMU took {r['n']} ("
+             f"{r['qemu_broke']}; QEMU 7.2's background-snapshot had ended with "
+             "\"bg_migration_iteration_finish: Unknown ending state\" and left its migration "
+             "state behind)" for r in rows if r.get("qemu_broke")]
+    return "".join(f"\n{n}.\n" for n in notes)
 
 
 def _per_interval(doc: dict, cell: Callable[[dict], str], first: str) -> str:
