@@ -48,6 +48,11 @@ def mib(ram: str) -> str:
     return f"{ram[:-1]} {ram[-1]}iB"
 
 
+def guest_text(ram: str, work: str) -> str:
+    """A QEMU guest as the tables name it: "256 MiB dirtying", "1 GiB idle"."""
+    return f"{mib(ram)} {'dirtying' if work == 'dirty' else work}"
+
+
 def ratio(v: float) -> str:
     return f"×{v:.1f}" if v < 100 else f"×{v:.0f}"
 
@@ -135,7 +140,7 @@ def qemu(doc: dict) -> str:
             cells.append(" + ".join(ms(r[f"{p}_p50_ms"]) for p in PARTS)
                          if r["stop_p50_ms"] is not None else "–")
         out.append(cells + [str(r["n"])])
-    head = [f"{mib(ram)} {'dirtying' if work == 'dirty' else work}", "pause p50 / p99", "total",
+    head = [guest_text(ram, work), "pause p50 / p99", "total",
             "MB per checkpoint", "paused migrate's pause ÷ this",
             "background-snapshot's bytes ÷ these",
             *(["pause parts p50 ms: stop + arm + device state + cont"] if parts else []), "n"]
@@ -183,7 +188,7 @@ def qemu_guests(doc: dict) -> str:
         cells.append(" + ".join(ms(r[f"{p}_p50_ms"]) for p in PARTS)
                      if r["stop_p50_ms"] is not None else "–")
         out.append(cells + [str(r["n"])])
-    head = [f"{mib(ram)} {'dirtying' if work == 'dirty' else work}",
+    head = [guest_text(ram, work),
             "pause p50 / p99 (min–max)", "total", "MB per checkpoint", "interval kept",
             "paused migrate's pause ÷ this", "background-snapshot's bytes ÷ these",
             "pause parts p50 ms: stop + arm + device state + cont", "n"]
@@ -206,7 +211,7 @@ def qemu_full(doc: dict) -> str:
         bg = _by(mine, kind="qemu background-snapshot", **on)
         others = [f"{ms(_by(mine, kind=f'vmckpt {s}')['pause_p50_ms'])} ms" for s in STRATEGIES
                   if s != DEFAULT]
-        cells = [f"{mib(ram)} {'dirtying' if work == 'dirty' else work}",
+        cells = [guest_text(ram, work),
                  f"**{pause(d)}, {d['MB_per_checkpoint']:.2g} MB**", *others,
                  f"{pause(mig)}, {mig['MB_per_checkpoint']:.0f} MB",
                  f"{ms(bg['pause_p50_ms'])} ms (total {ms(bg['total_p50_ms'])} ms), "
@@ -230,8 +235,8 @@ def qemu_full(doc: dict) -> str:
 
 def broke_note(rows: list[dict]) -> str:
     """Where QEMU stopped taking its snapshots before the count asked for, and why."""
-    notes = [f"{LABELS[r['kind']]} on {GUESTS[r['guest']]}'s guest, {mib(r['ram'])} "
-             f"{'dirtying' if r['work'] == 'dirty' else r['work']}: QEMU took {r['n']} ("
+    notes = [f"{LABELS[r['kind']]} on {GUESTS[r['guest']]}'s guest, "
+             f"{guest_text(r['ram'], r['work'])}: QEMU took {r['n']} ("
              f"{r['qemu_broke']}; QEMU 7.2's background-snapshot had ended with "
              "\"bg_migration_iteration_finish: Unknown ending state\" and left its migration "
              "state behind)" for r in rows if r.get("qemu_broke")]
