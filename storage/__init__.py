@@ -15,6 +15,7 @@ from vmckpt.storage.errors import (
 )
 from vmckpt.storage.interface import PageStore, PutResult
 from vmckpt.storage.pagemap import ZERO_ID, MapDelta, PageMap
+from vmckpt.storage.regions import Region, disk_regions, map_pages, place_disks, regions
 from vmckpt.storage.restore import RestoreStats, restore_image
 
 
@@ -27,5 +28,6 @@ def open_store(path: str | Path, *, create: bool = False, readonly: bool = False
 
 
 __all__ = ["Damaged", "FormatMismatch", "MapDelta", "MissingPage", "NotAStore", "PageMap",
-           "PageStore", "PutResult", "RestoreStats", "StoreError", "StoreFull", "StoreLocked",
-           "UnknownCheckpoint", "ZERO_ID", "get_blob", "open_store", "put_blob", "restore_image"]
+           "PageStore", "PutResult", "Region", "RestoreStats", "StoreError", "StoreFull",
+           "StoreLocked", "UnknownCheckpoint", "ZERO_ID", "disk_regions", "get_blob",
+           "map_pages", "open_store", "place_disks", "put_blob", "regions", "restore_image"]

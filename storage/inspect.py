@@ -15,6 +15,7 @@ from vmckpt.storage.errors import Damaged, MissingPage, id_ranges
 from vmckpt.storage.interface import PageStore
 from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap, page_ids
 from vmckpt.storage.private import private_dir, write_private
+from vmckpt.storage.regions import map_pages
 from vmckpt.storage.restore import RestoreStats, restore_image
 
 # A page id as one numpy value: sortable and comparable, so sets of ids stay vectorised.
@@ -173,7 +174,7 @@ def decode_map(store: PageStore, rec: dict) -> MapDelta | Problem:
         except (ValueError, KeyError, TypeError) as e:
             why = f"cannot be decoded ({e})"
         else:
-            npages = rec["ram_size"] // store.page_size
+            npages = map_pages(rec)
             if kind != meta["kind"]:
                 why = f"is a {kind} map where its record says {meta['kind']}"
             elif len(delta.ids) != len(delta.pfns) or (len(delta.pfns)

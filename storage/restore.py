@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vmckpt.storage.errors import Damaged, MissingPage
 from vmckpt.storage.interface import PageStore
 from vmckpt.storage.private import open_private
+from vmckpt.storage.regions import ram_region, region_named
 
 CHUNK = 1024  # distinct pages per read
 
@@ -48,31 +49,36 @@ def _create(path: str | Path) -> tuple[int, bool]:
 
 
 def restore_image(store: PageStore, ckpt: int | str, path: str | Path | int, *, workers: int = 4,
-                  progress: bool | None = None) -> RestoreStats:
-    """Writes checkpoint ckpt's RAM into path (a file, created 0600 and removed again if the
-    restore fails or is interrupted), or into an open fd (the caller's, left as it is)."""
+                  progress: bool | None = None, disk: str | None = None) -> RestoreStats:
+    """Writes checkpoint ckpt's RAM (or, given its device, one disk) into path (a file, created
+    0600 and removed again if the restore fails or is interrupted), or into an open fd (the
+    caller's, left as it is)."""
     t0 = time.perf_counter()
     rec = store.get_record(ckpt)
+    region = ram_region(rec) if disk is None else region_named(rec, disk)
     pmap = store.read_map(rec["id"])
     pfns = pmap.nonzero_pfns()
+    pfns = pfns[(pfns >= region.first) & (pfns < region.first + region.pages)]
     # Each distinct page is read once, wherever it appears.
     uniq, inverse = np.unique(pmap.ids[pfns], axis=0, return_inverse=True)
+    pfns = pfns - region.first
     inverse = inverse.reshape(-1)
     order = np.argsort(inverse, kind="stable")
     starts = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
     size = store.page_size
     if progress is None:
-        progress = sys.stderr.isatty() and rec["ram_size"] >= 256 << 20
+        progress = sys.stderr.isatty() and region.size >= 256 << 20
     fd, created = (path, False) if isinstance(path, int) else _create(path)
     try:
-        os.ftruncate(fd, rec["ram_size"])  # holes read as zeros: zero pages cost nothing
+        os.ftruncate(fd, region.size)  # holes read as zeros: zero pages cost nothing
 
         def write_chunk(lo: int) -> int:
             hi = min(lo + CHUNK, len(uniq))
             pages = store.get_pages([bytes(u) for u in uniq[lo:hi]])
             for k, page in enumerate(pages):
                 for j in order[starts[lo + k]:starts[lo + k + 1]]:
-                    _pwrite_all(fd, page, int(pfns[j]) * size)
+                    at = int(pfns[j]) * size  # a disk's last block may be partial
+                    _pwrite_all(fd, page[:region.size - at], at)
             return int(starts[hi] - starts[lo])
 
         pool = ThreadPoolExecutor(workers)

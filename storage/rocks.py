@@ -41,6 +41,7 @@ from vmckpt.storage.errors import (
 from vmckpt.storage.interface import PageStore, PutResult, Sweep
 from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
 from vmckpt.storage.private import private_dir, private_files
+from vmckpt.storage.regions import map_pages
 
 # v2: records and maps sealed with their length and CRC-32 (storage/envelope.py). v1 stores
 # are read and written as they are, and say in `vmckpt check` that they carry no checksum.
@@ -595,7 +596,7 @@ class RocksStore(PageStore):
             raise Damaged(self.path, f"checkpoint {top['id']} cannot be restored: its map "
                           f"chain goes through checkpoint {where}, and {e.what}",
                           (top["id"], *e.checkpoints)) from None
-        pmap = PageMap.empty(rec["ram_size"] // self.page_size)
+        pmap = PageMap.empty(map_pages(rec))
         for delta in reversed(chain):
             pmap.apply(delta)
         return pmap
@@ -608,7 +609,7 @@ class RocksStore(PageStore):
                 depth = self.get_record(parent)["map"]["depth"] + 1
             if parent is None or depth >= self.full_every:
                 full = self.read_map(parent) if parent is not None else \
-                    PageMap.empty(record["ram_size"] // self.page_size)
+                    PageMap.empty(map_pages(record))
                 full.apply(delta)
                 kind, depth, blob = "full", 0, full.sparse().encode("full")
             else:
