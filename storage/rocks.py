@@ -139,7 +139,7 @@ def shadow_of(path: Path) -> Path:
     shadow = Path(tempfile.mkdtemp(prefix="vmckpt-read-"))
     for entry in os.scandir(path):
         if entry.is_file() and entry.name not in ("rocksdict-config.json", "LOCK"):
-            os.symlink(entry.path, shadow / entry.name)
+            os.symlink(os.path.abspath(entry.path), shadow / entry.name)
     return shadow
 
 

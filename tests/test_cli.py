@@ -41,6 +41,11 @@ def test_run_ls_restore(tmp_path):
     assert (tmp_path / "img").stat().st_size == 16 << 20
     assert hashlib.sha256((tmp_path / "img").read_bytes()).hexdigest() == run.ref(4)
     assert "vmckpt-preload" not in r.stderr
+    # A store named relative to the working directory reads as well (the read-only view once
+    # linked the store's files by relative names from a directory elsewhere: "damaged").
+    rel = subprocess.run([*VMCKPT, "ls", "--store", "store", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert [c["id"] for c in json.loads(rel.stdout or "[]")] == [1, 2, 3, 4], rel.stderr
 
 
 def test_a_program_vmckpt_stops_is_not_reported_killed(tmp_path):
