@@ -22,7 +22,7 @@ class BuildExt(build_ext):
 
 
 setup(
-    cffi_modules=["engine/native/build_native.py:ffi"],
+    cffi_modules=["engine/native/build_native.py:ffi", "engine/native/build_nbd.py:ffi"],
     ext_modules=[
         Extension(
             PRELOAD,

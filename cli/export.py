@@ -34,7 +34,7 @@ def qemu_hint(argv: list[str], done: Export, out: Path) -> dict:
     """How to start a QEMU from the export by hand (what `vmckpt restore` does by itself)."""
     assert done.device_state is not None
     qmp = out / "qmp.sock"
-    qemu_argv = [*for_restore(without_qmp(argv), done.ram_image, done.record["ram_size"]),
+    qemu_argv = [*for_restore(without_qmp(argv), done.ram_image, done.record),
                  "-qmp", f"unix:{qmp},server=on,wait=off"]
     uri = f"exec:cat {shlex.quote(str(done.device_state))}"
     return {

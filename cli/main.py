@@ -18,6 +18,7 @@ from vmckpt.engine.cycle import ON_FULL, EngineOptions
 from vmckpt.engine.handoff import preload_path
 from vmckpt.engine.heap import bound_heap
 from vmckpt.engine.qemu.argv import QemuArgsError
+from vmckpt.engine.qemu.fleece import DiskCaptureError
 from vmckpt.engine.qemu.qmp import QemuError
 from vmckpt.engine.qemu.restore import RestoreError, restore_qemu
 from vmckpt.engine.session import AttachError, run_program
@@ -73,7 +74,8 @@ def engine_options(f: Callable) -> Callable:
 
     @functools.wraps(f)
     def wrapper(interval: float, copiers: int | None, buffer_size: int, tracking: str,
-                pre_arm: float | str, priority: bool, on_full: str, **kw: Any) -> Any:
+                pre_arm: float | str, priority: bool, on_full: str, disks: bool,
+                **kw: Any) -> Any:
         lead = None if pre_arm == "auto" else float(pre_arm)
         if tracking == "hybrid" and lead:
             raise click.UsageError("--pre-arm does not combine with --tracking hybrid")
@@ -82,7 +84,7 @@ def engine_options(f: Callable) -> Callable:
                                    f"({interval:g} s)")
         options = EngineOptions(interval=interval, copiers=copiers or os.cpu_count() or 1,
                                 buffer_bytes=buffer_size, tracking=tracking,
-                                pre_arm=lead, priority=priority, on_full=on_full)
+                                pre_arm=lead, priority=priority, on_full=on_full, disks=disks)
         bound_heap()  # before the store and the tracker start their threads
         return f(options=options, **kw)
 
@@ -115,12 +117,17 @@ def engine_options(f: Callable) -> Callable:
                      help="When the store cannot take more (disk full, quota, I/O error) the "
                           "VM runs on: wait (drop checkpoints until it takes writes again) or "
                           "stop (stop checkpointing and exit, leaving the VM running)."),
+        click.option("--disks/--no-disks", default=True, show_default=True,
+                     help="Capture the VM's writable disks at each checkpoint's pause, in the "
+                          "same store (--no-disks: RAM only; every restore then warns that "
+                          "the guest sees its disks as they are then)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
 
 
-ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError)
+ENGINE_ERRORS = (StoreError, AttachError, TrackerError, QemuArgsError, QemuError, RestoreError,
+                 DiskCaptureError)
 
 
 def _last_committed(store: PageStore) -> int | None:

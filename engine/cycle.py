@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -10,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from vmckpt.engine.targets.base import Target, TargetGone
+from vmckpt.engine.targets.base import DiskCopied, Target, TargetGone
 from vmckpt.engine.tracker import PAGE, ArmStats, Tracker
-from vmckpt.storage import MapDelta, PageMap, PageStore, StoreFull, put_blob
+from vmckpt.storage import MapDelta, PageMap, PageStore, StoreFull, map_pages, put_blob
 
 log = logging.getLogger("vmckpt")
 
@@ -38,6 +39,7 @@ class EngineOptions:
     #                               the range between uffds, which needs the target paused)
     priority: bool = True  # copiers first take the units after a copy-on-write fault
     on_full: str = "wait"  # the store cannot take more: wait for space, or stop checkpointing
+    disks: bool = True  # capture the writable disks at each pause (False: RAM only, recorded)
 
     def __post_init__(self) -> None:
         if self.on_full not in ON_FULL:
@@ -78,13 +80,11 @@ class Engine:
         self.options = options
         self.parent = parent
         self.on_paused = on_paused  # test hook: runs inside the pause (reference copies)
-        self.current = store.read_map(parent) if parent else PageMap.empty(tracker.npages)
         if options.tracking == "hybrid" and options.pre_arm:
             raise ValueError("--pre-arm does not combine with hybrid tracking: its arm moves "
                              "guest RAM between uffds, which needs the target paused")
-        if self.current.npages != tracker.npages:
-            raise ValueError(f"checkpoint {parent} has {self.current.npages} pages, the guest "
-                             f"{tracker.npages}")
+        self.layout = {"ram_size": tracker.ram.length, "disks": target.disks}
+        self.current = self._start_map(parent)
         self.on_committed: Callable[[dict], None] | None = None  # experiments keep records
         # Of what it committed, only the count and the last record: a run can be long.
         self.committed = 0
@@ -92,6 +92,24 @@ class Engine:
         self.gave_up = False  # the store was full with on_full "stop": the target runs on
         self._pre: _Copied | None = None
         self._full: tuple[float, int] | None = None  # while full: since when, drops since
+
+    def _start_map(self, parent: int | None) -> PageMap:
+        """The map new checkpoints are deltas against: the parent's, when it holds RAM and
+        disks laid out as now (a branch of it: its first checkpoint takes only what was
+        written since the attach); else its RAM with the disks to be taken whole."""
+        current = PageMap.empty(map_pages(self.layout))
+        same = False
+        if parent:
+            rec = self.store.get_record(parent)
+            if rec["ram_size"] != self.tracker.ram.length:
+                raise ValueError(f"checkpoint {parent} has {rec['ram_size'] >> 20} MiB of RAM, "
+                                 f"the guest {self.tracker.ram.length >> 20} MiB")
+            held = self.store.read_map(parent)
+            same = _layout(rec) == _layout(self.layout)
+            frames = held.npages if same else self.tracker.npages
+            current.ids[:frames] = held.ids[:frames]
+        self.target.disks_since_attach(same)
+        return current
 
     async def checkpoint(self, *, stretched: bool = False,
                          slack: float | None = None) -> dict:
@@ -127,7 +145,14 @@ class Engine:
                 device = await asyncio.to_thread(put_blob, self.store, extra)
             except StoreFull as e:
                 copied.failed = e
-        await asyncio.to_thread(self._drain, copied)
+        try:
+            _, disks = await asyncio.gather(asyncio.to_thread(self._drain, copied),
+                                            self.target.drain_disks(self.store))
+        except BaseException:
+            with contextlib.suppress(Exception):  # the next checkpoint takes its blocks again
+                await self.target.release_disks(kept=False)
+            raise
+        copied.failed = copied.failed or next((d.failed for d in disks if d.failed), None)
         switch = None
         if self.options.tracking == "hybrid":
             try:
@@ -135,19 +160,22 @@ class Engine:
             except TargetGone as e:  # commit what is drained; the next pause ends the run
                 log.info("no switch back to async tracking: %s", e)
         if copied.failed:
-            self._drop(copied)
+            await self._drop(copied)
         delta = self._delta(copied)
+        disk_delta, disk_figures = self._disk_delta(disks)
         t5 = time.perf_counter()
         copies = self.tracker.counters() - at_arm  # this checkpoint's copies: all are done
         p50, p99 = self.tracker.take_fault_percentiles(0.5, 0.99)
         record = {
             "parent": self.parent, "time": wall, "ram_size": self.tracker.ram.length,
+            "disks": disk_figures, "disks_skipped": self.target.skipped_disks,
             "disks_not_captured": self.target.uncaptured_disks,
             "page_size": PAGE, "target": {"kind": self.target.kind, "name": self.target.name,
                                          "argv": self.target.argv},
             "pages_dirtied": copied.dirtied, "pages_stored_new": copied.new,
             "dedup_hits": copied.dup, "zero_pages": copied.zero, "bytes_added": copied.bytes,
             "pages_changed": len(delta.pfns), "device_state": device,
+            "device_state_via": self.target.device_state_via if device else None,
             "pre_armed": {"pages": pre_pages, "seconds": copied.seconds},
             "pause": t4 - t0,
             "pause_parts": {"stop": t1 - t0, "arm": arm_secs, "extra": t2 - t_arm,
@@ -164,12 +192,16 @@ class Engine:
             "switch_move": switch[1] if switch else None,
             "strategy": asdict(self.options),
         }
+        delta = MapDelta(np.concatenate([delta.pfns, disk_delta.pfns]),
+                         np.concatenate([delta.ids, disk_delta.ids]))
         try:
             ckpt = await asyncio.to_thread(self.store.commit_checkpoint, record, delta)
         except StoreFull as e:
             copied.failed = e
-            self._drop(copied)
+            await self._drop(copied)
         self.current.apply(delta)
+        # After the commit (it does not wait on QEMU): the view's export, job and scratch go.
+        await self.target.release_disks(kept=True)
         record["id"] = ckpt
         record["commit_time"] = time.perf_counter() - t5
         self.parent = ckpt
@@ -179,12 +211,14 @@ class Engine:
             self.on_committed(record)
         return record
 
-    def _drop(self, copied: _Copied) -> None:
+    async def _drop(self, copied: _Copied) -> None:
         """Drops a checkpoint the store could not take, once it is collected whole: its
-        pages are owed again by the next arm (this arm took them out of the dirty set), so
-        the next checkpoint stores their content then, against the last committed map."""
+        pages are owed again by the next arm (this arm took them out of the dirty set), and
+        its disk blocks by the next view, so the next checkpoint stores their content then,
+        against the last committed map."""
         if copied.pfns:
             self.tracker.redirty(np.concatenate(copied.pfns))
+        await self.target.release_disks(kept=False)
         assert copied.failed
         raise copied.failed
 
@@ -198,7 +232,7 @@ class Engine:
         moves between the uffds no write is tracked, so the target is paused for it (QMP
         stop/cont, SIGSTOP/SIGCONT). Returns (pause, move) in seconds."""
         t0 = time.perf_counter()
-        await self.target.pause()
+        await self.target.pause(capture=False)
         try:
             move = self.tracker.to_async()  # recorded as switch_move: short, not worth a thread hop
         finally:
@@ -238,6 +272,20 @@ class Engine:
         changed = (self.current.ids[pfns.astype(np.int64)] != ids).any(axis=1)
         return MapDelta(pfns[changed], ids[changed])
 
+    def _disk_delta(self, disks: list[DiskCopied]) -> tuple[MapDelta, list[dict]]:
+        """The disks' blocks that changed against the current map, and each disk's figures."""
+        pfns, ids, figures = [], [], []
+        for d in disks:
+            changed = (self.current.ids[d.pfns.astype(np.int64)] != d.ids).any(axis=1)
+            pfns.append(d.pfns[changed])
+            ids.append(d.ids[changed])
+            figures.append({**d.disk, "blocks_dirty": len(d.pfns), "blocks_new": d.new,
+                            "blocks_dedup": d.dup, "blocks_zero": d.zero,
+                            "blocks_changed": int(changed.sum()), "bytes_added": d.bytes})
+        if not disks:
+            return MapDelta(np.empty(0, np.uint64), np.empty((0, 32), np.uint8)), []
+        return MapDelta(np.concatenate(pfns), np.concatenate(ids)), figures
+
     async def pre_arm(self) -> None:
         """The next checkpoint's dirty-set work ahead of its pause, with the target running:
         arm (protect or scan the pages written so far) and drain them. The pause then handles
@@ -251,7 +299,9 @@ class Engine:
         pre = _Copied()
         await asyncio.to_thread(self._drain, pre)
         if pre.failed:
-            self._drop(pre)
+            if pre.pfns:  # no disk view is taken before the pause: only RAM to give back
+                self.tracker.redirty(np.concatenate(pre.pfns))
+            raise pre.failed
         pre.seconds = time.perf_counter() - t0
         self._pre = pre
 
@@ -330,3 +380,9 @@ class Engine:
                 pass
             if await asyncio.to_thread(self.store.recover):
                 return True
+
+
+def _layout(record: dict) -> list[tuple]:
+    """What must match for a map to be reused: the RAM size and every disk's place and size."""
+    return [record["ram_size"], *((d["device"], d["first"], d["size"])
+                                  for d in record.get("disks", ()))]

@@ -105,8 +105,8 @@ async def launch(argv: Sequence[str], sock: Path, *, attach_timeout: float = 30.
 
 
 async def attach_qemu(listener: HandoffListener, first: GuestRam, qmp_path: Path, pid: int, *,
-                      name: str, argv: Sequence[str] | None, timeout: float = 30.0
-                      ) -> tuple[GuestRam, QemuTarget]:
+                      name: str, argv: Sequence[str] | None, timeout: float = 30.0,
+                      disks: bool = True) -> tuple[GuestRam, QemuTarget]:
     """QEMU's monitor answers only once every memory backend is mapped and handed over: the
     regions taken by then must be exactly the machine's RAM (engine/qemu/ram.py). Returns it
     and the target; closes everything it was given if it fails."""
@@ -116,7 +116,8 @@ async def attach_qemu(listener: HandoffListener, first: GuestRam, qmp_path: Path
         qmp = await Qmp.connect(qmp_path, timeout=timeout, pid=pid)
         handed += listener.refuse("vmckpt tracks one RAM region, the machine's")
         ram = await machine_ram(qmp, handed)
-        return ram, await QemuTarget.on(qmp, qmp_path, pid, ram.length, name=name, argv=argv)
+        return ram, await QemuTarget.on(qmp, qmp_path, pid, ram.length, name=name, argv=argv,
+                                        disks=disks)
     except BaseException:
         for region in handed:
             region.close()
@@ -140,7 +141,7 @@ class TrackedProgram:
     @classmethod
     async def start(cls, argv: Sequence[str], sock: Path, *, copiers: int | None = None,
                     buffer_bytes: int = 64 << 20, tracking: str = "wp", priority: bool = False,
-                    attach_timeout: float = 30.0,
+                    attach_timeout: float = 30.0, disks: bool = True,
                     min_ram: int = 32 << 20, add_memory_backend: bool = False,
                     stdin: int | None = None, stdout: int | None = None,
                     stderr: int | None = None) -> TrackedProgram:
@@ -160,7 +161,8 @@ class TrackedProgram:
         try:
             if is_qemu(argv):
                 ram, target = await attach_qemu(listener, ram, qmp_path, proc.pid, name=name,
-                                                argv=recorded, timeout=attach_timeout)
+                                                argv=recorded, timeout=attach_timeout,
+                                                disks=disks)
             else:
                 target = ProcessTarget(proc.pid, name=name, argv=recorded)
             tracker = Tracker(ram, copiers=copiers, buffer_bytes=buffer_bytes,
@@ -215,7 +217,7 @@ async def run_program(argv: Sequence[str], store: PageStore, options: EngineOpti
                                           copiers=options.copiers,
                                           buffer_bytes=options.buffer_bytes,
                                           tracking=options.tracking,
-                                          priority=options.priority,
+                                          priority=options.priority, disks=options.disks,
                                           attach_timeout=attach_timeout, min_ram=min_ram,
                                           add_memory_backend=add_memory_backend)
         return await checkpoint_program(prog, store, options, **how)
@@ -298,7 +300,8 @@ async def serve(socket_path: Path, qmp_path: Path, store: PageStore, options: En
             cmdline = []
         argv = [a.decode(errors="replace") for a in cmdline]
         ram, target = await attach_qemu(listener, ram, qmp_path, ram.pid,
-                                        name=Path(argv[0]).name if argv else "qemu", argv=argv)
+                                        name=Path(argv[0]).name if argv else "qemu", argv=argv,
+                                        disks=options.disks)
         tracker = Tracker(ram, copiers=options.copiers, buffer_bytes=options.buffer_bytes,
                           tracking=options.tracking, priority=options.priority)
     except BaseException:

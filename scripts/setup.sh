@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in gcc libc6-dev libssl-dev python3 python3-venv python3-dev qemu-system-x86 \
+for pkg in gcc libc6-dev libssl-dev libnbd-dev python3 python3-venv python3-dev qemu-system-x86 \
            busybox-static cpio; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -1,5 +1,6 @@
 """Runs the engine with guest RAM saved at every pause: the SHA-256 of guest RAM at a
-checkpoint's pause is written to REFDIR/ID.sha256 once that checkpoint is committed as ID.
+checkpoint's pause is written to REFDIR/ID.sha256 once that checkpoint is committed as ID, and
+the SHA-256 of each raw disk it captures (its file, the guest stopped) to REFDIR/ID.disks.json.
 
     engine_with_refs.py STORE REFDIR PROGRAM ARGS...   `vmckpt run`'s engine on PROGRAM
     engine_with_refs.py --cli REFDIR VMCKPT-ARGS...    the `vmckpt` command itself (run,
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import queue
 import signal
@@ -69,6 +71,7 @@ class Holding:
         ckpt = self._store.commit_checkpoint(*args)
         self.committed += 1
         os.rename(self._refdir / ".pending", self._refdir / f"{ckpt}.sha256")
+        os.rename(self._refdir / ".pending-disks", self._refdir / f"{ckpt}.disks.json")
         self._hold("committed", self.committed)
         return ckpt
 
@@ -85,12 +88,20 @@ def hooks(refdir: Path, hold: Callable[[str, int], None] | None = None
         def save(engine: Engine) -> None:
             store.paused += 1
             (refdir / ".pending").write_text(hashlib.sha256(engine.tracker.ram_view()).hexdigest())
+            (refdir / ".pending-disks").write_text(json.dumps({
+                d["device"]: file_digest(d["file"]) for d in engine.target.disks
+                if d["format"] == "raw"}))
             hold("pause", store.paused)
 
         engine.on_paused = save
         engine.store = store  # type: ignore[assignment]
 
     return install
+
+
+def file_digest(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def env_hold() -> Callable[[str, int], None]:
@@ -237,19 +248,23 @@ class HookedCli:
         """The SHA-256 (hex) of guest RAM at the pause of checkpoint ckpt."""
         return (self.refdir / f"{ckpt}.sha256").read_text()
 
+    def disk_refs(self, ckpt: int) -> dict[str, str]:
+        """The SHA-256 (hex) of each raw disk at the pause of checkpoint ckpt, by device."""
+        return json.loads((self.refdir / f"{ckpt}.disks.json").read_text())
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
 
-def image_digest(store: Path, ckpt: int, tmp: Path) -> str:
-    """The SHA-256 (hex) of checkpoint ckpt's restored RAM image."""
+def image_digest(store: Path, ckpt: int, tmp: Path, disk: str | None = None) -> str:
+    """The SHA-256 (hex) of checkpoint ckpt's restored RAM image (or of one disk)."""
     from vmckpt.storage import open_store, restore_image
 
     with open_store(store, readonly=True) as s:
-        restore_image(s, ckpt, tmp / "digest.img", progress=False)
+        restore_image(s, ckpt, tmp / "digest.img", progress=False, disk=disk)
     try:
-        return hashlib.sha256((tmp / "digest.img").read_bytes()).hexdigest()
+        return file_digest(tmp / "digest.img")
     finally:
         (tmp / "digest.img").unlink()

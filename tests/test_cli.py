@@ -106,13 +106,13 @@ def test_strategy_options_on_the_command_line_reach_the_engine(tmp_path):
     store = tmp_path / "store"
     r = vmckpt("run", "--store", str(store), "--interval", "0.1s", "--max-checkpoints", "6",
                "--min-ram", "4M", "--tracking", "async", "--pre-arm", "20ms", "--copiers", "1",
-               "--no-priority", "--buffer", "32M", "--",
+               "--no-priority", "--buffer", "32M", "--no-disks", "--",
                *synth("--size", "16M", "--rate", "20000"))
     assert r.returncode == 0, r.stderr
     listed = json.loads(vmckpt("ls", "--store", str(store), "--json").stdout)
     assert [c["strategy"] for c in listed] == [
         {"interval": 0.1, "copiers": 1, "buffer_bytes": 32 << 20, "tracking": "async",
-         "pre_arm": 0.02, "priority": False, "on_full": "wait"}] * 6
+         "pre_arm": 0.02, "priority": False, "on_full": "wait", "disks": False}] * 6
     # Async tracking: its pauses copy what was written (wp's never do).
     assert any(c["copied_in_pause"] > 0 for c in listed[1:]), listed
 

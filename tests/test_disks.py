@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
-import time
 from pathlib import Path
 
-from test_qemu import VMCKPT, last_tick
+from engine_with_refs import HookedCli, file_digest, image_digest
+from test_qemu import VMCKPT, last_tick, wait_for
 from vmckpt.engine.qemu.disks import Disk, Skipped, find_disks
 from vmckpt.engine.qemu.qmp import Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv
-from vmckpt.storage import open_store
+from vmckpt.storage import open_store, restore_image
 
 MiB = 1 << 20
 
@@ -19,18 +20,6 @@ MiB = 1 << 20
 async def qemu(argv: list[str], tmp: Path) -> tuple[subprocess.Popen, Qmp]:
     proc = subprocess.Popen([*argv, "-qmp", f"unix:{tmp / 'qmp'},server=on,wait=off"])
     return proc, await Qmp.connect(tmp / "qmp", pid=proc.pid)
-
-
-async def until(cond, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def wait_ticks(log: Path, n: int, what: str) -> None:
-    tick = last_tick(log)
-    await until(lambda: last_tick(log) >= tick + n, what)
 
 
 def test_discovery_names_the_writable_disks_and_says_why_others_are_skipped(tmp_path):
@@ -68,25 +57,95 @@ def test_discovery_names_the_writable_disks_and_says_why_others_are_skipped(tmp_
         ("s", "temporary (snapshot=on)")]
 
 
+def raw_disk(path: Path, size: int) -> Path:
+    path.write_bytes(b"")
+    path.open("r+b").truncate(size)
+    return path
 
 
-def test_disks_a_checkpoint_leaves_out_are_said_at_run_and_at_restore(tmp_path):
-    # Until checkpoints capture disks, none is left out in silence: `run` names each writable
-    # disk, the record lists them, and a restore says the guest sees them as they are now.
-    raw, store = tmp_path / "d.raw", str(tmp_path / "store")
-    raw.write_bytes(b"")
-    raw.open("r+b").truncate(8 * MiB)
+def disk_ticks(data: bytes) -> list[int]:
+    """The ticks the test guest wrote into its disk's blocks (block n holds tick n)."""
+    return [int(t) for t in re.findall(rb"VMCKPT-DISK (\d+)", data)]
+
+
+def run_with_disk(tmp_path: Path, ticks: int, *args: str) -> tuple[HookedCli, list[str]]:
+    """`vmckpt run` (hooked: RAM and disk references at every pause) of the test guest
+    writing its raw disk every tick, until the guest has written `ticks` ticks; Ctrl-C then
+    commits the checkpoint in flight. Returns the run and the guest's command line."""
+    log, raw = tmp_path / "serial.log", raw_disk(tmp_path / "d.raw", 16 * MiB)
+    argv = qemu_argv(mem="128M", work="idle", mb=16, serial=f"file:{log}",
+                     disk=f"file={raw},format=raw,cache=none")
+    run = HookedCli(tmp_path / "refs", "-v", "run", "--store", str(tmp_path / "store"),
+                    "--interval", "0.5s", *args, "--", *argv)
+    try:
+        wait_for(lambda: last_tick(log) >= ticks, 180, f"{ticks} guest ticks")
+        run.ctrl_c()
+        assert run.wait() == 0, run.stderr
+    except BaseException:
+        run.kill()
+        raise
+    return run, argv
+
+
+def test_checkpoints_capture_the_disk_at_their_pause_and_restore_with_it(tmp_path):
+    # Target 1: every checkpoint's disk is bit-exact to the raw file at its pause (the guest
+    # stopped), disk changes are in the checkpoints that follow them, and a middle checkpoint
+    # restored with its disk gives a guest that finds no write from after its instant.
+    run, argv = run_with_disk(tmp_path, 12)
+    store = tmp_path / "store"
+    with open_store(store, readonly=True) as s:
+        recs = s.list_checkpoints()
+    assert all([d["device"] for d in r["disks"]] == ["virtio0"] for r in recs)
+    assert all(not r["disks_not_captured"] for r in recs)
+    seen = []
+    for r in recs:
+        got = image_digest(store, r["id"], tmp_path, disk="virtio0")
+        assert got == run.disk_refs(r["id"])["virtio0"], r["id"]
+        seen.append(got)
+    assert len(set(seen)) >= 4, "the guest's disk writes were not captured as they came"
+    assert sum(r["disks"][0]["blocks_new"] for r in recs) >= 8
+    # A middle checkpoint whose disk holds some ticks: restored into a new image.
+    mid = next(r for r in recs[len(recs) // 2:] if r["disks"][0]["blocks_dirty"])
+    with open_store(store, readonly=True) as s:
+        restore_image(s, mid["id"], tmp_path / "r.raw", progress=False, disk="virtio0")
+    on_disk = disk_ticks((tmp_path / "r.raw").read_bytes())
+    assert on_disk == list(range(1, len(on_disk) + 1)) and on_disk
+    original = file_digest(tmp_path / "d.raw")
+    log, pidfile = tmp_path / "restored.log", tmp_path / "restored.pid"
+    restored = [*[a.replace(str(tmp_path / "d.raw"), str(tmp_path / "r.raw")) for a in argv],
+                "-pidfile", str(pidfile)]
+    restored[restored.index(next(a for a in restored if a.startswith("file:")))] = \
+        f"file:{log}"
+    proc = subprocess.Popen([VMCKPT, "restore", "--store", str(store), str(mid["id"]), "--",
+                             *restored], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: last_tick(log) >= on_disk[-1] + 4, 120, "the restored guest")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    lines = [ln for ln in log.read_bytes().split(b"\n")[:-1] if b"VMCKPT-TICK" in ln]
+    assert lines and all(b"disk=ok" in ln for ln in lines), lines
+    # The guest's first tick after the restore is the one after the disk's last.
+    assert int(lines[0].split()[1]) == on_disk[-1] + 1, (lines[0], on_disk[-1])
+    assert file_digest(tmp_path / "d.raw") == original  # the restore left the image alone
+
+
+def test_no_disks_records_them_and_every_restore_warns(tmp_path):
+    # --no-disks: RAM only; run names each writable disk, the record lists them, and a
+    # restore says the guest sees them as they are now.
+    raw, store = raw_disk(tmp_path / "d.raw", 8 * MiB), str(tmp_path / "store")
     argv = qemu_argv(mem="128M", work="idle", mb=16, serial="none",
                      disk=f"file={raw},format=raw")
-    r = subprocess.run([VMCKPT, "run", "--store", store, "--interval", "0.3s",
+    r = subprocess.run([VMCKPT, "run", "--store", store, "--interval", "0.3s", "--no-disks",
                         "--max-checkpoints", "2", "--", *argv],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert f"disk virtio0 ({raw}) is not captured by the checkpoints" in r.stderr, r.stderr
+    assert f"disk virtio0 ({raw}) is not captured (--no-disks)" in r.stderr, r.stderr
     with open_store(store, readonly=True) as s:
         recs = s.list_checkpoints()
     assert [[(d["device"], d["size"]) for d in rec["disks_not_captured"]] for rec in recs] == \
         [[("virtio0", 8 * MiB)]] * 2
+    assert all(not rec["disks"] for rec in recs)
     restore = subprocess.Popen([VMCKPT, "restore", "--store", store, "2", "--", *argv],
                                stderr=subprocess.PIPE, text=True)
     try:

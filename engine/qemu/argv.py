@@ -194,8 +194,19 @@ def with_qmp(argv: Sequence[str], path: str | os.PathLike[str]) -> list[str]:
     return [*argv, "-qmp", f"unix:{path},server=on,wait=off"]
 
 
-def for_restore(argv: Sequence[str], image: str | os.PathLike[str], ram_size: int) -> list[str]:
-    """argv with its RAM backend replaced by the shared image file, waiting for device state."""
+DEVICES_ONLY = "devices-only"  # a record's device_state_via: QEMU's xen-save-devices-state
+
+# A devices-only state (engine/qemu/qmp.py: save_devices_only) has neither the configuration
+# section a migration stream opens with nor the description it ends with: the restoring QEMU is
+# told not to expect them.
+DEVICES_ONLY_LOAD = ["-global", "migration.send-configuration=off",
+                     "-machine", "suppress-vmdesc=on"]
+
+
+def for_restore(argv: Sequence[str], image: str | os.PathLike[str], record: dict) -> list[str]:
+    """argv with its RAM backend replaced by the shared image file, waiting for the device
+    state of the checkpoint record."""
+    ram_size = record["ram_size"]
     out = list(argv)
     try:
         backend = find_ram_backend(out)
@@ -209,5 +220,7 @@ def for_restore(argv: Sequence[str], image: str | os.PathLike[str], ram_size: in
     opts = {"qom-type": "memory-backend-file", "id": backend.opts["id"],
             "size": str(ram_size), "mem-path": str(image), "share": "on"}
     out[backend.index] = join_opts(opts, "qom-type")
+    if record.get("device_state_via") == DEVICES_ONLY:
+        out += DEVICES_ONLY_LOAD
     # -S: QEMU stays paused after loading, so vmckpt decides when the guest continues.
     return [*out, "-incoming", "defer", "-S"]

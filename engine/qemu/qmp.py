@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -148,6 +149,19 @@ class Qmp:
         finally:
             os.close(r)
         return data, asyncio.ensure_future(self.wait_migration())
+
+    async def save_devices_only(self, path: Path) -> bytes:
+        """The device state without `migrate`: QEMU's xen-save-devices-state (any accelerator,
+        despite its name) writes the same sections, guest RAM left out, into path, and leaves
+        the block nodes active. A migration inactivates them at its end, which QEMU refuses
+        while a disk's fleecing job runs (engine/qemu/fleece.py), and a job started after it
+        finds them read-only. The guest must be stopped."""
+        try:
+            await self.cmd("xen-save-devices-state", filename=str(path), live=False)
+            return path.read_bytes()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def load_device_state(self, data: bytes) -> dict:
         """Feeds a saved stream to a QEMU started with `-incoming defer`."""

@@ -120,7 +120,7 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
         log.warning("checkpoint %d did not capture the VM's disks (%s): the guest will see "
                     "them as they are now, not as they were at the checkpoint", rec["id"],
                     ", ".join(d["device"] for d in missed))
-    for_restore(argv, "IMAGE", rec["ram_size"])  # refuses a wrong size before any work
+    for_restore(argv, "IMAGE", rec)  # refuses a wrong size before any work
     # Until the guest runs, SIGTERM stops the restore like Ctrl-C does (asyncio cancels the
     # task at its next await): the cleanup below runs, where SIGTERM's default would leave
     # the image and QEMU behind.
@@ -152,7 +152,7 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
     qmp: Qmp | None = None
     loaded = False
     try:
-        qemu_argv = for_restore(argv, image, rec["ram_size"])
+        qemu_argv = for_restore(argv, image, rec)
         with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
             sock = Path(tmp) / "engine.sock"
             try:
@@ -161,7 +161,8 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
                         prog = await TrackedProgram.start(
                             qemu_argv, sock, copiers=checkpoint.copiers,
                             buffer_bytes=checkpoint.buffer_bytes, tracking=checkpoint.tracking,
-                            priority=checkpoint.priority, attach_timeout=attach_timeout,
+                            priority=checkpoint.priority, disks=checkpoint.disks,
+                            attach_timeout=attach_timeout,
                             stderr=tail.fd)
                     finally:
                         tail.started()

@@ -10,10 +10,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 
+from vmckpt.engine.qemu.argv import DEVICES_ONLY
+from vmckpt.engine.qemu.disk_drain import drain_view
 from vmckpt.engine.qemu.disks import find_disks
+from vmckpt.engine.qemu.fleece import DiskCapture, DiskCaptureError
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
-from vmckpt.engine.targets.base import TargetGone, pid_alive
+from vmckpt.engine.targets.base import DiskCopied, TargetGone, pid_alive
+from vmckpt.storage import PageStore, place_disks
 
 log = logging.getLogger("vmckpt")
 
@@ -52,9 +57,13 @@ class QemuTarget:
         # since (run state postmigrate) cannot be migrated again, and its devices are the same.
         self._saved: tuple[bytes, dict] | None = None
         self._saving: bytes | None = None
-        # Writable disks, which checkpoints do not capture yet: each record names them, and a
-        # restore warns that the guest will see them as they are then.
+        # Writable disks that checkpoints leave out (--no-disks): each record names them, and
+        # a restore warns that the guest will see them as they are then.
         self.uncaptured_disks: list[dict] = []
+        self.disks: list[dict] = []
+        self.skipped_disks: list[dict] = []
+        self._capture: DiskCapture | None = None
+        self.device_state_via = "migrate"
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -62,19 +71,30 @@ class QemuTarget:
 
     @classmethod
     async def on(cls, qmp: Qmp, qmp_path: str | os.PathLike[str], pid: int, ram_length: int, *,
-                 name: str = "qemu", argv: Sequence[str] | None = None) -> QemuTarget:
-        """The target behind an open QMP connection (closed with the target)."""
+                 name: str = "qemu", argv: Sequence[str] | None = None,
+                 disks: bool = True) -> QemuTarget:
+        """The target behind an open QMP connection (closed with the target). disks False:
+        checkpoints leave the writable disks out, and their records say so."""
         await qmp.set_ignore_shared()
         target = cls(qmp, qmp_path, pid, ram_length, name, argv)
         try:
-            disks, _ = await find_disks(qmp, argv or [])
+            found, skipped = await find_disks(qmp, argv or [])
+            target.skipped_disks = [asdict(s) for s in skipped]
+            if disks and found:
+                target.disks = place_disks(ram_length, [d.as_record() for d in found])
+                capture = DiskCapture(qmp, found, [d["first"] for d in target.disks])
+                await capture.start()
+                target._capture = capture
+                target.device_state_via = DEVICES_ONLY
+                target._mark(b"F")  # the keeper takes our fleecing away if we die
         except BaseException:
             await target.close()
             raise
-        target.uncaptured_disks = [d.as_record() for d in disks]
-        for d in disks:
-            log.warning("disk %s (%s) is not captured by the checkpoints: a restore gives the "
-                        "guest this disk as it is then, not as it was at the checkpoint",
+        if not disks:
+            target.uncaptured_disks = [d.as_record() for d in found]
+        for d in found if not disks else ():
+            log.warning("disk %s (%s) is not captured (--no-disks): a restore gives the guest "
+                        "this disk as it is then, not as it was at the checkpoint",
                         d.device, d.file)
         return target
 
@@ -99,14 +119,23 @@ class QemuTarget:
         with self._failures(f"QMP {name}"):
             await self.qmp.cmd(name)
 
-    async def pause(self) -> None:
+    async def pause(self, *, capture: bool = True) -> None:
+        actions = self._capture.pause_actions() if capture and self._capture else None
         self._mark(b"P")  # before anything: the keeper must continue a guest we may stop
+        sent = [self.qmp.cmd("query-status"), self.qmp.cmd("stop")]
+        if actions:  # the disks' view of this instant, in the same round trip
+            sent.append(self.qmp.cmd("transaction", actions=actions))
         with self._failures("QMP stop"):
             # Sent together: QMP answers a monitor's commands in order, so the status is the
             # one just before our stop, at no extra round trip inside the pause. (qemu.qmp
             # queues each command when its task first runs, and tasks run in creation order.)
-            status, _ = await asyncio.gather(self.qmp.cmd("query-status"),
-                                             self.qmp.cmd("stop"))
+            # A refused transaction is raised once the guest is known stopped, so that the
+            # cycle's resume continues it.
+            status, stopped, *fleeced = await asyncio.gather(*sent, return_exceptions=True)
+            for answer in (status, stopped):
+                if isinstance(answer, BaseException):
+                    raise answer
+        assert isinstance(status, dict)
         was = self._status
         self._stopped_by_us = bool(status.get("running"))
         self._status = status.get("status", "")
@@ -115,9 +144,14 @@ class QemuTarget:
             if was in ("", "running"):
                 log.info("QEMU is not running (%s): checkpointed as it is and left stopped",
                          self._status)
+        if fleeced and isinstance(fleeced[0], BaseException):
+            await self.resume()
+            raise DiskCaptureError(f"QEMU refused the disks' point-in-time view: {fleeced[0]}")
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
+            if self._capture:  # see Qmp.save_devices_only: no migrate while disks are fleeced
+                return await self.qmp.save_devices_only(self._capture.state_file)
             if self._status == "postmigrate":  # not running: a round trip more costs it nothing
                 return await self._unchanged_state()
             if self._prepared:
@@ -156,13 +190,35 @@ class QemuTarget:
                     "use memory-backend-memfd (QEMU 7.x) or a shared memory-backend-file under "
                     "/dev/shm")
         # The next save's pipe goes to QEMU now, outside the pause that will use it.
-        self._prepared = asyncio.ensure_future(self.qmp.prepare_save())
+        if not self._capture:
+            self._prepared = asyncio.ensure_future(self.qmp.prepare_save())
+
+    def disks_since_attach(self, incremental: bool) -> None:
+        if self._capture:
+            self._capture.base_on_attach(incremental)
+
+    async def drain_disks(self, store: PageStore) -> list[DiskCopied]:
+        if not self._capture:
+            return []
+        with self._failures("exporting the disks' view"):
+            views = await self._capture.expose()
+        return list(await asyncio.gather(*(asyncio.to_thread(drain_view, v, rec, store)
+                                           for v, rec in zip(views, self.disks, strict=True))))
+
+    async def release_disks(self, *, kept: bool) -> None:
+        if self._capture:
+            with self._failures("releasing the disks' view"):
+                await self._capture.release(kept=kept)
 
     async def close(self) -> None:
         for pending in (self._outcome, self._prepared):  # a cycle that failed mid-way
             if pending:
                 with contextlib.suppress(Exception):
                     await pending
+        if self._capture:
+            with contextlib.suppress(Exception):  # QEMU may be gone: then so is all of it
+                await self._capture.close()
+                self._mark(b"C")  # nothing left for the keeper to take away
         if self._keeper.stdin:
             self._keeper.stdin.close()
         self._keeper.wait()

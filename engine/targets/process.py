@@ -9,7 +9,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vmckpt.engine.targets.base import TargetGone
+from vmckpt.engine.targets.base import DiskCopied, TargetGone
+from vmckpt.storage import PageStore
 
 
 def _all_stopped(pid: int) -> bool:
@@ -32,7 +33,11 @@ class ProcessTarget:
     """
 
     kind = "process"
-    uncaptured_disks: list[dict] = []  # a plain process's files are its own business
+    # A plain process's files are its own business.
+    uncaptured_disks: list[dict] = []
+    disks: list[dict] = []
+    skipped_disks: list[dict] = []
+    device_state_via = None
 
     def __init__(self, pid: int, name: str | None = None, stop_timeout: float = 5.0,
                  argv: Sequence[str] | None = None) -> None:
@@ -55,7 +60,7 @@ class ProcessTarget:
         except ProcessLookupError:
             raise TargetGone(f"process {self.pid} exited") from None
 
-    async def pause(self) -> None:
+    async def pause(self, *, capture: bool = True) -> None:
         if _all_stopped(self.pid):
             return  # the user stopped it: nothing to pause, nor to resume
         self._signal(signal.SIGSTOP)
@@ -78,6 +83,15 @@ class ProcessTarget:
             self._signal(signal.SIGCONT)
 
     async def settle(self) -> None:
+        pass
+
+    def disks_since_attach(self, incremental: bool) -> None:
+        pass
+
+    async def drain_disks(self, store: PageStore) -> list[DiskCopied]:
+        return []
+
+    async def release_disks(self, *, kept: bool) -> None:
         pass
 
     async def close(self) -> None:
