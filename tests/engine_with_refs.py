@@ -16,6 +16,7 @@ kill or a signal lands exactly there:
   pre-arm    in its pre-arm's drain (the guest running, before its pause), at its first batch
   pause      inside the pause (the target stopped, RAM saved as the reference)
   drain      in the drain (its pre-arm's or its own), at its first batch into the store
+  disk-drain in its disks' drain (beside the RAM's, after the pause), at its first batch
   commit     drained, at the commit, before its record is written
   committed  after the commit returned
 A drain or pre-arm hold waits at the first one from checkpoint N on (a checkpoint may copy
@@ -41,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from vmckpt.engine.cycle import Engine, EngineOptions
+from vmckpt.engine.qemu.disk_drain import THREADS as DISK_DRAIN_THREADS
 
 PHASES = ("pause", "drain", "commit", "committed")  # where the crash test kills
-HOLDS = ("pre-arm", *PHASES)
+HOLDS = ("pre-arm", "disk-drain", *PHASES)
 
 
 class Holding:
@@ -63,7 +65,10 @@ class Holding:
         # comes first: a pause whose drain finds nothing left (a starved guest) cannot skip it.
         if self.paused == self.committed:  # its pause is still to come
             self._hold("pre-arm", self.committed + 1)
-        self._hold("drain", self.committed + 1)
+        if threading.current_thread().name.startswith(DISK_DRAIN_THREADS):
+            self._hold("disk-drain", self.committed + 1)
+        else:
+            self._hold("drain", self.committed + 1)
         return self._store.put_pages(*args)
 
     def commit_checkpoint(self, *args: Any) -> int:
@@ -124,7 +129,8 @@ def env_hold() -> Callable[[str, int], None]:
         # started writing yet), and its drain then never reaches the store. HELD says which.
         if held.is_set() or base is None or at != phase:
             return
-        if not (ckpt == base + int(n) or at in ("drain", "pre-arm") and ckpt > base + int(n)):
+        if not (ckpt == base + int(n) or at in ("drain", "disk-drain", "pre-arm")
+                and ckpt > base + int(n)):
             return
         held.set()  # once: a drain puts many batches
         print(f"HELD {at} {ckpt}", flush=True)

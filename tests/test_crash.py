@@ -7,6 +7,7 @@ is hit, at checkpoints drawn at random."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import select
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_with_refs import PHASES
+from engine_with_refs import PHASES, file_digest
 from vmckpt.engine.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
@@ -26,7 +27,7 @@ VMCKPT = str(Path(sys.executable).with_name("vmckpt"))
 
 # What the store holds after a kill held at checkpoint n: only whole checkpoints, and every
 # one committed before the kill.
-COMMITTED = {"pause": -1, "drain": -1, "commit": -1, "committed": 0}
+COMMITTED = {"pause": -1, "drain": -1, "disk-drain": -1, "commit": -1, "committed": 0}
 
 
 def proc_state(pid: int) -> str:
@@ -110,6 +111,11 @@ def check_store(tmp: Path, refs: Path, phase: str, held_at: int, newest: int = 0
             restore_image(s, rec["id"], tmp / "img")
             got = hashlib.sha256((tmp / "img").read_bytes()).hexdigest()
             assert got == (refs / f"{rec['id']}.sha256").read_text(), rec["id"]
+            disks = json.loads((refs / f"{rec['id']}.disks.json").read_text())
+            assert [d["device"] for d in rec["disks"] if d["format"] == "raw"] == list(disks)
+            for device, want in disks.items():  # and each disk the raw file at its pause
+                restore_image(s, rec["id"], tmp / "img", disk=device)
+                assert file_digest(tmp / "img") == want, (rec["id"], device)
     check = subprocess.run([VMCKPT, "check", "--read-data", "--store", str(store)],
                            capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.startswith("sound"), check

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from engine_with_refs import PHASES
+from qemu.qmp.legacy import QEMUMonitorProtocol
 from test_crash import check_store, start_held, wait_held
 from test_qemu import VMCKPT, Run, assert_guest_runs_on, last_tick, qemu_status, wait_for
 from vmckpt.engine.qemu.testguest import qemu_argv
@@ -57,6 +58,59 @@ def kill_held_qemu(tmp: Path, phase: str, held_at: int) -> None:
         if pidfile.exists():
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
     check_store(tmp, refs, phase, held_at, newest=3)  # those nearest the kill: 128 MiB each
+
+
+def test_engine_killed_in_a_disk_drain_leaves_the_store_sound_and_qemu_clean(tmp_path):
+    # Target 5 of the disks: the kill lands while a checkpoint's disk blocks go into the store
+    # (the guest writing its disk as fast as it can). The store holds exactly the checkpoints
+    # committed before, each with its RAM and disk at its pause; the keeper takes the engine's
+    # fleecing away (no export, job, scratch node or bitmap is left) and the guest runs on.
+    log, pidfile, qmp = tmp_path / "serial.log", tmp_path / "qemu.pid", tmp_path / "user.qmp"
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"")
+    raw.open("r+b").truncate(32 << 20)
+    argv = [*qemu_argv(mem="128M", work="diskwrite", mb=16, serial=f"file:{log}",
+                       disk=f"file={raw},format=raw,cache=none"),
+            "-pidfile", str(pidfile), "-qmp", f"unix:{qmp},server=on,wait=off"]
+    engine, refs = start_held(tmp_path, argv, "disk-drain", 2,
+                              VMCKPT_TEST_INTERVAL="0.3", VMCKPT_TEST_HOLD_ON_SIGNAL="1")
+    try:
+        try:
+            wait_for(lambda: last_tick(log) >= 1, 120, "the guest to boot")
+            engine.send_signal(signal.SIGUSR1)
+            held_at = wait_held(engine, "disk-drain")
+            scratch = {Path(f).parent for f in fleecing_left(qmp, files=True)}
+            assert len(scratch) == 1, scratch
+        finally:
+            engine.kill()
+            engine.wait()
+        wait_for(lambda: not fleecing_left(qmp), 30, "the keeper to take the fleecing away")
+        assert not scratch.pop().exists()  # nor the scratch images, with their old data
+        before = last_tick(log)
+        wait_for(lambda: last_tick(log) >= before + 2, 30, "the guest to keep counting")
+        assert b"disk=ok" in log.read_bytes().splitlines()[-2]
+    finally:  # whatever failed: no QEMU left behind
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    check_store(tmp_path, refs, "disk-drain", held_at, newest=2)
+
+
+def fleecing_left(qmp: Path, files: bool = False) -> list[str]:
+    """The engine's pieces still in QEMU (engine/qemu/fleece.py names them vmckpt-...), or
+    the files of its scratch nodes."""
+    monitor = QEMUMonitorProtocol(str(qmp))
+    monitor.connect()
+    try:
+        nodes = monitor.cmd("query-named-block-nodes", flat=True)
+        if files:
+            return [n["file"] for n in nodes if n["node-name"].startswith("vmckpt-")]
+        names = [n["node-name"] for n in nodes]
+        names += [b.get("name", "") for n in nodes for b in n.get("dirty-bitmaps", [])]
+        names += [e["id"] for e in monitor.cmd("query-block-exports")]
+        names += [j["device"] for j in monitor.cmd("query-block-jobs")]
+    finally:
+        monitor.close()
+    return [n for n in names if n.startswith("vmckpt-")]
 
 
 @pytest.mark.timeout(3600)  # --full: 30 trials

@@ -17,6 +17,7 @@ from vmckpt.storage.pagemap import ID_BYTES
 BLOCK = 4096
 CHUNK = 256       # blocks a read (1 MiB)
 CONNECTIONS = 2   # per disk: libnbd serialises one handle's requests
+THREADS = "vmckpt-disk"  # the reading threads' names (seen in a debugger, and by the tests)
 
 
 def chunks(extents: np.ndarray, size: int) -> list[tuple[int, int]]:
@@ -53,7 +54,7 @@ def drain_view(view: View, record: dict, store: PageStore) -> DiskCopied:
         conns = [nbd] + [NbdExport(view.socket, view.export, view.context)
                          for _ in range(min(CONNECTIONS, len(reads)) - 1)]
         try:
-            with ThreadPoolExecutor(len(conns)) as pool:
+            with ThreadPoolExecutor(len(conns), thread_name_prefix=THREADS) as pool:
                 parts = list(pool.map(lambda k: _read_part(conns[k], reads[k::len(conns)],
                                                            view, record, store),
                                        range(len(conns))))

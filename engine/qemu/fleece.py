@@ -29,6 +29,7 @@ from vmckpt.engine.qemu.nbd import BASE_ALLOCATION, dirty_bitmap
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 
 PREFIX = "vmckpt-"
+SCRATCH_DIRS = "vmckpt-fleece-"  # the keeper removes a dead engine's, by this name
 GRANULARITY = 4096
 SETTLE_TIMEOUT = 10.0  # seconds for QEMU to finish cancelling a job or deleting an export
 
@@ -64,7 +65,7 @@ class _Fleece:
 class DiskCapture:
     def __init__(self, qmp: Qmp, disks: list[Disk], firsts: list[int]) -> None:
         self.qmp, self.disks, self.firsts = qmp, disks, firsts
-        self._dir = Path(tempfile.mkdtemp(prefix="vmckpt-fleece-"))
+        self._dir = Path(tempfile.mkdtemp(prefix=SCRATCH_DIRS))
         self._socket = str(self._dir / "nbd.sock")
         self.state_file = self._dir / "devices"  # QEMU's device state, saved in the pause
         self._gen = 0

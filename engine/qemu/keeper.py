@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from vmckpt.engine.targets.base import pid_alive
 
-PREFIX = "vmckpt-"  # engine/qemu/fleece.py's names (not imported: the keeper stays small)
+# engine/qemu/fleece.py's names (not imported: the keeper stays small)
+PREFIX = "vmckpt-"
+SCRATCH_DIRS = "vmckpt-fleece-"
 
 
 def clean(qmp: QEMUMonitorProtocol) -> None:
@@ -31,29 +36,38 @@ def clean(qmp: QEMUMonitorProtocol) -> None:
     def ours(name: object) -> bool:
         return isinstance(name, str) and name.startswith(PREFIX)
 
-    def cmd(name: str, **args: object) -> Any:
-        return qmp.cmd(name, **args)
+    def cmd(command: str, /, **args: object) -> Any:  # /: QMP has "name" arguments
+        return qmp.cmd(command, **args)
+
+    def drop(command: str, /, **args: object) -> None:
+        """One piece away; one QEMU refuses (gone already) does not keep the rest."""
+        with contextlib.suppress(ExecuteError):
+            cmd(command, **args)
 
     for export in cmd("query-block-exports"):
         if ours(export["id"]):
-            cmd("block-export-del", id=export["id"], mode="hard")
+            drop("block-export-del", id=export["id"], mode="hard")
     for job in cmd("query-block-jobs"):
         if ours(job["device"]):
-            cmd("block-job-cancel", device=job["device"], force=True)
+            drop("block-job-cancel", device=job["device"], force=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
             any(ours(j["device"]) for j in cmd("query-block-jobs"))
             or any(ours(e["id"]) for e in cmd("query-block-exports"))):
         time.sleep(0.01)
+    dirs = set()
     for node in cmd("query-named-block-nodes", flat=True):
         if ours(node["node-name"]):
-            cmd("blockdev-del", **{"node-name": node["node-name"]})
+            drop("blockdev-del", **{"node-name": node["node-name"]})
+            dirs.add(Path(node["file"]).parent)  # the engine's private scratch directory
     for node in cmd("query-named-block-nodes", flat=True):
         for bitmap in node.get("dirty-bitmaps", []):
-            if ours(bitmap["name"]):
-                cmd("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
-    with contextlib.suppress(Exception):
-        cmd("nbd-server-stop")
+            if ours(bitmap.get("name")):  # a job's own bitmaps have no name
+                drop("block-dirty-bitmap-remove", node=node["node-name"], name=bitmap["name"])
+    drop("nbd-server-stop")
+    for d in dirs:
+        if d.name.startswith(SCRATCH_DIRS):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def main() -> None:

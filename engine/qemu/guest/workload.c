@@ -3,6 +3,10 @@
  *
  *   workload MODE RATE MB TICKS [DISK]
  *   MODE  idle (ticks only) | dirty (distinct pages) | dup (pages from 16 patterns or zero)
+ *         | cached (DISK: CACHED distinct blocks written once into the disk's second half
+ *         through the page cache, then fsync'ed: in guest RAM and on disk at once; then idle)
+ *         | diskwrite (DISK: distinct 64 KiB O_DIRECT writes over the second half, as fast as
+ *         it goes; ticks add " disk_bytes=<bytes written so far>")
  *   RATE  pages per second to write; 0 = as fast as possible
  *   MB    working set in MiB
  *   TICKS exit after this many ticks (0 = never)
@@ -89,6 +93,57 @@ static void write_page(void)
 static int disk_fd = -1;
 static uint64_t disk_blocks;
 static char *disk_buf; /* one aligned page: O_DIRECT */
+static const char *disk_path;
+
+#define CACHED 256
+#define CHUNK (64 << 10)
+
+/* A distinct block: its number and a pass counter in front of a pseudo-random page. */
+static void fill_block(uint64_t *p, uint64_t block, uint64_t pass)
+{
+	for (int w = 0; w < WORDS; w++)
+		p[w] = mix(block << 20 ^ pass << 40 ^ (uint64_t)w);
+	p[0] = block;
+	p[1] = pass;
+}
+
+/* cached: through the page cache, so each block is also a page of guest RAM. */
+static void write_cached(void)
+{
+	int fd = open(disk_path, O_WRONLY);
+	uint64_t first = disk_blocks / 2, page[WORDS];
+	for (uint64_t b = 0; b < CACHED && fd >= 0; b++) {
+		fill_block(page, first + b, 0);
+		if (pwrite(fd, page, PAGE, (off_t)((first + b) * PAGE)) != PAGE)
+			break;
+	}
+	if (fd < 0 || fsync(fd) || close(fd)) {
+		perror("workload: cached");
+		exit(1);
+	}
+	printf("VMCKPT-CACHED %d\n", CACHED);
+	fflush(stdout);
+}
+
+static uint64_t *disk_chunk, disk_bytes, disk_cursor;
+
+/* diskwrite: one 64 KiB O_DIRECT write of distinct blocks, cycling over the second half. */
+static void write_chunk(void)
+{
+	uint64_t first = disk_blocks / 2, span = disk_blocks - first, per = CHUNK / PAGE;
+	if (!disk_chunk && posix_memalign((void **)&disk_chunk, PAGE, CHUNK))
+		exit(1);
+	if (disk_cursor + per > span)
+		disk_cursor = 0;
+	for (uint64_t i = 0; i < per; i++)
+		fill_block(disk_chunk + i * WORDS, first + disk_cursor + i, disk_bytes / PAGE + i + 1);
+	if (pwrite(disk_fd, disk_chunk, CHUNK, (off_t)((first + disk_cursor) * PAGE)) != CHUNK) {
+		perror("workload: diskwrite");
+		exit(1);
+	}
+	disk_cursor += per;
+	disk_bytes += CHUNK;
+}
 
 static void disk_open(const char *path)
 {
@@ -127,13 +182,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: workload idle|dirty|dup RATE MB TICKS [DISK]\n");
 		return 2;
 	}
-	if (argc == 6)
-		disk_open(argv[5]);
 	const char *mode = argv[1];
+	int cached = strcmp(mode, "cached") == 0, diskwrite = strcmp(mode, "diskwrite") == 0;
+	if (argc == 6)
+		disk_open(disk_path = argv[5]);
+	else if (cached || diskwrite) {
+		fprintf(stderr, "workload: %s needs a disk\n", mode);
+		return 2;
+	}
 	uint64_t rate = strtoull(argv[2], NULL, 10), mb = strtoull(argv[3], NULL, 10);
 	uint64_t ticks = strtoull(argv[4], NULL, 10);
 	int idle = strcmp(mode, "dirty") != 0 && strcmp(mode, "dup") != 0;
-	if (idle && strcmp(mode, "idle") != 0)
+	if (idle && strcmp(mode, "idle") != 0 && !cached && !diskwrite)
 		fprintf(stderr, "workload: unknown mode '%s', running idle\n", mode);
 	dup_mode = strcmp(mode, "dup") == 0;
 
@@ -154,10 +214,15 @@ int main(int argc, char **argv)
 	while (gcd(stride, npages) != 1)
 		stride++;
 
+	if (cached)
+		write_cached();
 	uint64_t n = 0, t = now_ns(), next_tick = t + TICK_NS, next_slice = t + SLICE_NS;
 	uint64_t pace_base = t, pace_done = 0;
 	for (;;) {
-		if (!idle && rate == 0) {
+		if (diskwrite) {
+			while (now_ns() < next_tick)
+				write_chunk();
+		} else if (!idle && rate == 0) {
 			for (int i = 0; i < 256; i++) /* unpaced: check the clock now and then */
 				write_page();
 		} else {
@@ -177,11 +242,14 @@ int main(int argc, char **argv)
 				next_slice = t + SLICE_NS;
 		}
 		if (t >= next_tick) {
-			char line[160], word[48];
+			char line[200], word[48], bytes[48] = "";
 			const char *disk = disk_fd < 0 ? "" : disk_tick(n + 1, word, sizeof word);
-			int len = snprintf(line, sizeof line, "VMCKPT-TICK %llu pages=%llu work=%s%s\n",
+			if (diskwrite)
+				snprintf(bytes, sizeof bytes, " disk_bytes=%llu",
+					 (unsigned long long)disk_bytes);
+			int len = snprintf(line, sizeof line, "VMCKPT-TICK %llu pages=%llu work=%s%s%s\n",
 					   (unsigned long long)++n, (unsigned long long)written, mode,
-					   disk);
+					   disk, bytes);
 			if (write(1, line, len) < 0) /* unbuffered: the line is on the console at once */
 				return 1;
 			if (ticks && n >= ticks)
