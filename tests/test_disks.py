@@ -68,16 +68,19 @@ def disk_ticks(data: bytes) -> list[int]:
     return [int(t) for t in re.findall(rb"VMCKPT-DISK (\d+)", data)]
 
 
-def run_with_disk(tmp_path: Path, ticks: int, *args: str) -> tuple[HookedCli, list[str]]:
+def run_with_disk(tmp_path: Path, ticks: int, *args: str, work: str = "idle",
+                  until: bytes = b"") -> tuple[HookedCli, list[str]]:
     """`vmckpt run` (hooked: RAM and disk references at every pause) of the test guest
     writing its raw disk every tick, until the guest has written `ticks` ticks; Ctrl-C then
     commits the checkpoint in flight. Returns the run and the guest's command line."""
     log, raw = tmp_path / "serial.log", raw_disk(tmp_path / "d.raw", 16 * MiB)
-    argv = qemu_argv(mem="128M", work="idle", mb=16, serial=f"file:{log}",
+    argv = qemu_argv(mem="128M", work=work, mb=16, serial=f"file:{log}",
                      disk=f"file={raw},format=raw,cache=none")
     run = HookedCli(tmp_path / "refs", "-v", "run", "--store", str(tmp_path / "store"),
                     "--interval", "0.5s", *args, "--", *argv)
     try:
+        wait_for(lambda: until in log.read_bytes() if log.exists() else False, 180,
+                 f"{until!r} from the guest")
         wait_for(lambda: last_tick(log) >= ticks, 180, f"{ticks} guest ticks")
         run.ctrl_c()
         assert run.wait() == 0, run.stderr
@@ -156,3 +159,29 @@ def test_no_disks_records_them_and_every_restore_warns(tmp_path):
     finally:  # SIGTERM: the restore stops its QEMU too
         restore.terminate()
         restore.wait(60)
+
+
+def test_a_block_in_the_page_cache_and_on_disk_is_stored_once(tmp_path):
+    # Target 3: the guest writes 256 distinct blocks through its page cache and fsyncs them:
+    # each is a page of guest RAM and a block of the disk at once, with the same id in the
+    # checkpoint's one map (one content-addressed store: held once); blocks unchanged since
+    # are never read or stored again.
+    run, _ = run_with_disk(tmp_path, 6, work="cached", until=b"VMCKPT-CACHED 256")
+    store = tmp_path / "store"
+    with open_store(store, readonly=True) as s:
+        recs = s.list_checkpoints()
+        last = recs[-1]
+        pmap = s.read_map(last["id"])
+    disk = last["disks"][0]
+    cached = pmap.ids[disk["first"] + 2048:disk["first"] + 2048 + 256]  # the second half
+    assert cached.any(axis=1).all() and len({bytes(i) for i in cached}) == 256
+    ram = {bytes(i) for i in pmap.ids[:last["ram_size"] // 4096]}
+    assert all(bytes(i) in ram for i in cached), "a cached block is not in guest RAM's map"
+    # Once each: the side that put a block second found it there (a dedup hit).
+    hits = sum(r["dedup_hits"] + sum(d["blocks_dedup"] for d in r["disks"]) for r in recs)
+    assert hits >= 256
+    # The cached blocks went into one checkpoint (or two, split by its pause) and no later one
+    # read them again: after, each read only the blocks of the ticks written in its interval.
+    took = [i for i, r in enumerate(recs) if r["disks"][0]["blocks_dirty"] >= 128]
+    assert took and len(took) <= 2, [r["disks"][0]["blocks_dirty"] for r in recs]
+    assert all(r["disks"][0]["blocks_dirty"] <= 4 for r in recs[took[-1] + 1:]), recs
