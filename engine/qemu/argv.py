@@ -70,17 +70,32 @@ def _qemu_value(value: object) -> str:
     return str(value)
 
 
+def is_json(text: str) -> bool:
+    """Whether an option's value is in the JSON form (libvirt's) rather than key=value."""
+    return text.lstrip().startswith("{")
+
+
+def json_opts(text: str, flag: str) -> dict | None:
+    """A JSON option value as a dict (None if it is not a JSON object)."""
+    try:
+        parsed = json.loads(text)
+    except ValueError as e:
+        raise QemuArgsError(f"-{flag} {text} is not valid JSON: {e}") from None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def any_opts(text: str, implied: str, flag: str) -> dict[str, str]:
+    """An option's value from `IMPLIED,k=v,...` or its JSON form (`{"IMPLIED": ..., "k": v}`);
+    values as QEMU would spell them on a command line."""
+    if is_json(text) and (parsed := json_opts(text, flag)) is not None:
+        return {str(k): _qemu_value(v) for k, v in parsed.items()}
+    return parse_opts(text, implied)
+
+
 def object_opts(text: str) -> dict[str, str]:
     """An -object's options, from `TYPE,k=v,...` or the JSON form libvirt writes
-    (`{"qom-type": TYPE, "k": v, ...}`); values as QEMU would spell them on a command line."""
-    if text.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError as e:
-            raise QemuArgsError(f"-object {text} is not valid JSON: {e}") from None
-        if isinstance(parsed, dict):
-            return {str(k): _qemu_value(v) for k, v in parsed.items()}
-    return parse_opts(text, "qom-type")
+    (`{"qom-type": TYPE, "k": v, ...}`)."""
+    return any_opts(text, "qom-type", "object")
 
 
 def is_on(value: str) -> bool:

@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass
 from vmckpt.engine.qemu.argv import is_on, option_values, parse_opts
 from vmckpt.engine.qemu.qmp import Qmp
 
+# -drive interfaces with several units a bus (QEMU's if_max_devs); the others have one bus.
+MAX_DEVS = {"ide": 2, "scsi": 7}
+DEFAULT_IF = "ide"  # pc and q35 (block_default_type)
+
 
 @dataclass(frozen=True)
 class Disk:
@@ -32,12 +36,36 @@ def temporary_drives(argv: Sequence[str]) -> tuple[bool, set[str]]:
     """Whether -snapshot makes every drive temporary, and the ids of -drive …,snapshot=on:
     their writes go to a throw-away overlay, never to the image."""
     everything = "-snapshot" in argv or "--snapshot" in argv
-    ids = set()
-    for _, text in option_values(argv, "drive"):
-        opts = parse_opts(text, "file")
-        if is_on(opts.get("snapshot", "off")) and "id" in opts:
-            ids.add(opts["id"])
-    return everything, ids
+    drives = [parse_opts(text, "") for _, text in option_values(argv, "drive")]
+    return everything, {name for opts, name in zip(drives, drive_names(drives), strict=True)
+                        if is_on(opts.get("snapshot", "off"))}
+
+
+def drive_names(drives: list[dict[str, str]]) -> list[str]:
+    """query-block's device name of every -drive, in order: its id, or the name QEMU makes
+    from its interface, bus and unit (blockdev.c: drive_new)."""
+    taken: dict[str, set[tuple[int, int]]] = {}
+    names = []
+    for opts in drives:
+        iface = opts.get("if", DEFAULT_IF)
+        most = MAX_DEVS.get(iface, 0)
+        bus, unit = int(opts.get("bus", 0)), int(opts["unit"]) if "unit" in opts else None
+        if "index" in opts:
+            index = int(opts["index"])
+            bus, unit = (index // most, index % most) if most else (0, index)
+        used = taken.setdefault(iface, set())
+        if unit is None:
+            unit = 0
+            while (bus, unit) in used:
+                unit += 1
+                if most and unit >= most:
+                    unit, bus = unit - most, bus + 1
+        used.add((bus, unit))
+        media = ("-cd" if opts.get("media") == "cdrom" else "-hd") \
+            if iface in ("ide", "scsi") else ""
+        names.append(opts.get("id") or (f"{iface}{bus}{media}{unit}" if most
+                                        else f"{iface}{media}{unit}"))
+    return names
 
 
 async def find_disks(qmp: Qmp, argv: Sequence[str]) -> tuple[list[Disk], list[Skipped]]:
