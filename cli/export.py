@@ -11,6 +11,7 @@ import click
 from vmckpt.cli.main import _fail, main, store_option
 from vmckpt.cli.text import checkpoint_arg, emit_json, json_option, json_safe, reading, size_text
 from vmckpt.engine.qemu.argv import QemuArgsError, for_restore
+from vmckpt.engine.qemu.restore_disks import Image, point_drives
 from vmckpt.storage.inspect import Export, export_checkpoint
 from vmckpt.storage.private import write_private
 
@@ -34,7 +35,10 @@ def qemu_hint(argv: list[str], done: Export, out: Path) -> dict:
     """How to start a QEMU from the export by hand (what `vmckpt restore` does by itself)."""
     assert done.device_state is not None
     qmp = out / "qmp.sock"
-    qemu_argv = [*for_restore(without_qmp(argv), done.ram_image, done.record),
+    disks = {device: Image(path, "raw") for device, (path, _) in done.disks.items()}
+    argv = without_qmp(argv)
+    qemu_argv = [*for_restore(point_drives(argv, done.record, disks) if disks else argv,
+                              done.ram_image, done.record),
                  "-qmp", f"unix:{qmp},server=on,wait=off"]
     uri = f"exec:cat {shlex.quote(str(done.device_state))}"
     return {
@@ -51,7 +55,8 @@ def qemu_hint(argv: list[str], done: Export, out: Path) -> dict:
         "hmp_commands": ["migrate_set_capability x-ignore-shared on",
                          f"migrate_incoming {json.dumps(uri)}", "cont"],
         "howto": "Start QEMU with argv: it waits, paused, for its device state (-incoming "
-                 "defer -S; guest RAM is ram.img, shared). Send qmp_commands in order on "
+                 "defer -S; guest RAM is ram.img, shared; its disks open the disk-*.img "
+                 "beside it, which it writes). Send qmp_commands in order on "
                  "qmp_socket, and cont only once query-migrate says \"completed\" (the "
                  "loaded state is 'paused', so an earlier cont is lost). x-ignore-shared must "
                  "be on before the state loads, which is why -incoming exec:... on the "
@@ -91,6 +96,10 @@ def export(store_path: Path, out_dir: Path, as_json: bool, ckpt: str) -> None:
         "ram_image": str(done.ram_image), "ram_pages": done.restore.pages,
         "device_state": str(done.device_state) if done.device_state else None,
         "device_state_size": rec["device_state"]["size"] if done.device_state else None,
+        "disks": [{"device": d["device"], "image": str(done.disks[d["device"]][0]),
+                   "size": d["size"], "format": "raw",
+                   "blocks": done.disks[d["device"]][1].pages} for d in rec.get("disks") or ()],
+        "disks_not_captured": rec.get("disks_not_captured") or [],
         "target": target, "qemu": hint,
     }
     text = json.dumps(json_safe(manifest), indent=1) + "\n"
@@ -101,6 +110,9 @@ def export(store_path: Path, out_dir: Path, as_json: bool, ckpt: str) -> None:
     click.echo(f"checkpoint {rec['id']} exported into {out}:")
     click.echo(f"  ram.img           {size_text(rec['ram_size'])}, {done.restore.pages} pages "
                "of data (sparse: zero pages are holes)")
+    for d in manifest["disks"]:
+        click.echo(f"  {Path(d['image']).name:<17} {size_text(d['size'])}, {d['blocks']} "
+                   f"blocks of data: disk {d['device']} (raw, sparse)")
     if done.device_state:
         click.echo(f"  device-state.bin  {size_text(rec['device_state']['size'])}")
     click.echo("  manifest.json")

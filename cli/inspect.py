@@ -29,7 +29,7 @@ from vmckpt.cli.text import (
     table,
 )
 from vmckpt.storage import PageMap
-from vmckpt.storage.inspect import changes, differing, map_chain, runs, store_stats
+from vmckpt.storage.inspect import changes, map_chain, ram_and_disk_diffs, runs, store_stats
 
 GRID_COLUMNS, GRID_ROWS = 64, 16
 # Record fields that hold seconds or bytes, shown with units by `show`.
@@ -94,6 +94,9 @@ LS_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("dedup", lambda r: count_text(r, "dedup_hits")),
     ("zero", lambda r: count_text(r, "zero_pages")),
     ("added", lambda r: size_text(r.get("bytes_added"))),
+    ("disks", lambda r: "-" if r.get("disks") is None else str(len(r["disks"]))),
+    ("disk new", lambda r: "-" if not r.get("disks") else
+     str(sum(d.get("blocks_new") or 0 for d in r["disks"]))),
     ("pause ms", lambda r: ms_text(r.get("pause"))),
     ("drain ms", lambda r: ms_text(r.get("drain_time"), 0)),
 ]
@@ -145,6 +148,10 @@ def value_text(key: str, value: Any) -> str:
     return str(value)
 
 
+# Record fields `show` presents as tables of their own.
+DISK_FIELDS = ("disks", "disks_skipped", "disks_not_captured")
+
+
 def record_lines(rec: dict, indent: str = "  ") -> Iterator[str]:
     width = max(map(len, rec), default=0)
     for key, value in rec.items():
@@ -186,21 +193,24 @@ def show(store_path: Path, as_json: bool, ckpt: str) -> None:
     with reading(store_path) as store:
         rec = store.get_record(which)
         chain = map_chain(store, rec)
-        pmap, changed = changes(store, rec)
+        pmap, changed, disk_changed = changes(store, rec)
     size = rec["page_size"]
-    changed = changed[changed < pmap.npages]
-    mask = np.zeros(pmap.npages, bool)
+    pages = rec["ram_size"] // size  # the grid is guest RAM's; disks have their own lines
+    mask = np.zeros(pages, bool)
     mask[changed] = True
-    data = pmap.ids.any(axis=1)
-    per = max(1, -(-pmap.npages // (GRID_COLUMNS * GRID_ROWS)))
+    data = pmap.ids[:pages].any(axis=1)
+    per = max(1, -(-pages // (GRID_COLUMNS * GRID_ROWS)))
+    disks = [{**{k: d.get(k) for k in ("device", "size", "format", "file", "blocks_dirty",
+                                       "blocks_new", "blocks_dedup")}, **c}
+             for d, c in zip(rec.get("disks") or (), disk_changed, strict=True)]
     changed_share, data_share = cell_shares(mask, per), cell_shares(data, per)
     device = rec.get("device_state")
     if as_json:
         emit_json({"record": rec, "device_state_bytes": device["size"] if device else None,
-                   "map_chain": chain,
-                   "dirty": {"parent": rec.get("parent"), "pages": pmap.npages,
+                   "map_chain": chain, "disks": disks,
+                   "dirty": {"parent": rec.get("parent"), "pages": pages,
                              "changed_pages": len(changed),
-                             "zero_pages": int(pmap.npages - data.sum()),
+                             "zero_pages": int(pages - data.sum()),
                              "cell_pages": per, "changed_share": changed_share.tolist(),
                              "data_share": data_share.tolist(),
                              "regions": regions(changed, size)}})
@@ -208,7 +218,7 @@ def show(store_path: Path, as_json: bool, ckpt: str) -> None:
     g = glyphs()
     click.echo(f"checkpoint {rec['id']}")
     click.echo("record")
-    for line in record_lines(rec):
+    for line in record_lines({k: v for k, v in rec.items() if k not in DISK_FIELDS}):
         click.echo(line)
     click.echo("device state  " + (f"{size_text(device['size'])} ({device['size']} bytes, "
                                    f"{len(device['ids']) // 32} pages)" if device else "none"))
@@ -218,20 +228,48 @@ def show(store_path: Path, as_json: bool, ckpt: str) -> None:
           + [["", str(m["id"]), m["kind"], size_text(m["bytes"])] for m in chain], left=1)
     since = ("its parent, checkpoint " + str(rec["parent"]) if rec.get("parent") is not None
              else "empty RAM (a first checkpoint)")
-    click.echo(f"dirty map     {len(changed)} of {pmap.npages} pages changed since {since} "
-               f"({size_text(len(changed) * size)}); {int(pmap.npages - data.sum())} pages "
+    show_disks(rec, disks)
+    click.echo(f"dirty map     {len(changed)} of {pages} pages changed since {since} "
+               f"({size_text(len(changed) * size)}); {int(pages - data.sum())} pages "
                "are zero")
     click.echo(f"              one cell = {size_text(per * size)} ({per} page"
                f"{'s' if per > 1 else ''}), {GRID_COLUMNS} cells a row; "
                f"'{g['zero']}' all zero, '{g['same']}' unchanged, "
                + ", ".join(f"'{c}' up to {25 * (i + 1)} %" for i, c in enumerate(g["shades"]))
                + " changed")
-    digits = len(f"{pmap.npages * size - 1:x}")
+    digits = len(f"{pages * size - 1:x}")
     for i, row in enumerate(grid(changed_share, data_share, g)):
         click.echo(f"  {i * GRID_COLUMNS * per * size:#0{digits + 2}x} |{row}|")
 
 
+def show_disks(rec: dict, disks: list[dict]) -> None:
+    """The checkpoint's disks: one line each with its figures; those skipped or left out."""
+    if disks:
+        click.echo(f"disks         {len(disks)} captured (blocks of 4 KiB: dirty = read at "
+                   "this checkpoint, new = stored, dedup = already stored; changed since the "
+                   "parent; holding data):")
+        table([["", "device", "size", "format", "dirty", "new", "dedup", "changed", "data",
+                "file"]]
+              + [["", d["device"], size_text(d["size"]), str(d["format"]),
+                  *(count_text(d, k) for k in ("blocks_dirty", "blocks_new", "blocks_dedup",
+                                               "changed_blocks", "data_blocks")),
+                  str(d["file"])] for d in disks], left=2)
+    elif "disks" in rec:
+        click.echo("disks         none captured")
+    for d in rec.get("disks_skipped") or ():
+        click.echo(f"              skipped: {d['device']} ({d['why']})")
+    for d in rec.get("disks_not_captured") or ():
+        click.echo(f"              not captured: {d['device']} ({d.get('file')}): a restore "
+                   "gives the guest this disk as it is then")
+
+
 # -------------------------------------------------------------------------- diff
+
+
+def region_table(found: list[dict], digits: int, size: int) -> None:
+    table([["", "from", "to", "pages", "size"]]
+          + [["", f"{r['start']:#0{digits}x}", f"{r['end'] - 1:#0{digits}x}", str(r["pages"]),
+              size_text(r["pages"] * size)] for r in found], left=3)
 
 
 def id_at(pmap: PageMap, pfn: int) -> bytes | None:
@@ -250,28 +288,38 @@ def id_at(pmap: PageMap, pfn: int) -> bytes | None:
 @click.argument("b")
 def diff(store_path: Path, list_pages: bool, as_json: bool, a: str, b: str) -> None:
     """Show which guest pages differ between checkpoints A and B (ids or 'latest'), by
-    guest-physical region."""
+    guest-physical region, and which blocks of each disk, by offset in the disk."""
     which_a, which_b = checkpoint_arg(a, store_path), checkpoint_arg(b, store_path)
     with reading(store_path) as store:
         ra, rb = store.get_record(which_a), store.get_record(which_b)
         ma, mb = store.read_map(ra["id"]), store.read_map(rb["id"])
     size = ra["page_size"]
-    pfns = differing(ma, mb)
+    pfns, disk_diffs = ram_and_disk_diffs(ra, ma, rb, mb)
+    pages = max(ra["ram_size"], rb["ram_size"]) // size
     found = regions(pfns, size)
+    disks = [{"device": d.device, "present": d.present, "blocks": d.blocks,
+              "differing_blocks": len(d.differing),
+              "differing_bytes": len(d.differing) * size,
+              "regions": regions(d.differing, size)} for d in disk_diffs]
     listed = [{"pfn": int(p), "a": id_at(ma, int(p)), "b": id_at(mb, int(p))}
               for p in pfns] if list_pages else None
     if as_json:
-        emit_json({"a": ra["id"], "b": rb["id"], "pages": max(ma.npages, mb.npages),
+        emit_json({"a": ra["id"], "b": rb["id"], "pages": pages,
                    "differing_pages": len(pfns), "differing_bytes": len(pfns) * size,
-                   "regions": found, "page_list": listed})
+                   "regions": found, "page_list": listed, "disks": disks})
         return
-    click.echo(f"checkpoints {ra['id']} and {rb['id']}: {len(pfns)} of "
-               f"{max(ma.npages, mb.npages)} pages differ ({size_text(len(pfns) * size)}), "
-               f"in {len(found)} region{'s' if len(found) != 1 else ''}")
-    digits = len(f"{max(ma.npages, mb.npages) * size - 1:x}") + 2
-    table([["", "from", "to", "pages", "size"]]
-          + [["", f"{r['start']:#0{digits}x}", f"{r['end'] - 1:#0{digits}x}", str(r["pages"]),
-              size_text(r["pages"] * size)] for r in found], left=3)
+    click.echo(f"checkpoints {ra['id']} and {rb['id']}: {len(pfns)} of {pages} pages differ "
+               f"({size_text(len(pfns) * size)}), in {len(found)} "
+               f"region{'s' if len(found) != 1 else ''}")
+    digits = len(f"{pages * size - 1:x}") + 2
+    region_table(found, digits, size)
+    for d in disks:
+        only = "" if d["present"] == "both" else \
+            f" (only checkpoint {ra['id'] if d['present'] == 'a' else rb['id']} has it)"
+        click.echo(f"disk {d['device']}{only}: {d['differing_blocks']} of {d['blocks']} blocks "
+                   f"differ ({size_text(d['differing_bytes'])}), in {len(d['regions'])} "
+                   f"region{'s' if len(d['regions']) != 1 else ''}")
+        region_table(d["regions"], len(f"{d['blocks'] * size - 1:x}") + 2, size)
     if listed:
         click.echo("")
         table([["", "pfn", "address", str(ra["id"]), str(rb["id"])]]
@@ -312,7 +360,9 @@ def stats(store_path: Path, top: int, as_json: bool) -> None:
     rows = [
         ["checkpoints", f"{s['checkpoints']} (store format v{fmt['version']}, a full map "
                         f"every {fmt['full_every']})"],
-        ["logical", f"{size_text(s['logical_bytes'])} (the RAM of every checkpoint)"],
+        ["logical", f"{size_text(s['logical_bytes'])} (the RAM of every checkpoint)"
+                    + (f" + {size_text(s['disk_logical_bytes'])} (its disks)"
+                       if s["disk_logical_bytes"] else "")],
         ["stored", f"{size_text(s['stored_bytes'])} ({s['stored_pages']} pages)"],
         ["on disk", f"{size_text(disk['total'])} in all: pages {size_text(disk['pages'])}, "
                     f"maps {size_text(disk['maps'])}, records {size_text(disk['records'])}"],
@@ -320,6 +370,8 @@ def stats(store_path: Path, top: int, as_json: bool) -> None:
         ["dedup", f"{ratio_text(s['dedup_ratio'])} ({s['pages_copied']} non-zero pages "
                   f"copied, {s['pages_stored_new']} stored)"],
         ["compression", f"{ratio_text(s['compression_ratio'])} (page bytes / pages on disk)"],
+        ["disk blocks", f"{s['disk_blocks_dirty']} read, {s['disk_blocks_stored_new']} "
+                        f"stored new, {s['disk_blocks_dedup']} already stored (dedup)"],
         ["zero pages", f"{share_text(s['zero_share_copied'])} of the pages copied"
                        + (f"; {share_text(s['zero_share_newest'])} of the frames of checkpoint "
                           f"{newest['id']}" if newest else "")],

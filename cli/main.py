@@ -21,6 +21,7 @@ from vmckpt.engine.qemu.argv import QemuArgsError
 from vmckpt.engine.qemu.fleece import DiskCaptureError
 from vmckpt.engine.qemu.qmp import QemuError
 from vmckpt.engine.qemu.restore import RestoreError, restore_qemu
+from vmckpt.engine.qemu.restore_disks import FORMATS, DiskWriteError, device_id, write_disk
 from vmckpt.engine.session import AttachError, run_program
 from vmckpt.engine.session import serve as serve_qemu
 from vmckpt.engine.tracker import TrackerError
@@ -234,6 +235,15 @@ def _ckpt(text: str) -> int | str:
 @store_option
 @click.option("--image", type=click.Path(path_type=Path),
               help="Only write the RAM image to this file (sparse: zero pages stay holes).")
+@click.option("--disk", "disk_device",
+              help="Only write this disk (its device, e.g. virtio0) to the file -o names.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="The file --disk writes (sparse; raw, or --disk-format qcow2).")
+@click.option("--disk-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the restored VM's disks are written, one new image each "
+                   "(default: with the RAM image, /dev/shm). They stay once the guest runs.")
+@click.option("--disk-format", type=click.Choice(FORMATS), default="raw", show_default=True,
+              help="Format of the restored disks' images.")
 @click.option("--workers", type=click.IntRange(1, 256), default=4, show_default=True,
               help="Parallel readers.")
 @click.option("--paused", is_flag=True, help="Leave the restored guest paused (debuggers).")
@@ -242,13 +252,23 @@ def _ckpt(text: str) -> int | str:
 @engine_options
 @click.argument("ckpt", type=CheckpointId())
 @click.argument("argv", nargs=-1)
-def restore(store_path: Path, image: Path | None, workers: int, paused: bool, checkpoint: bool,
-            options: EngineOptions, max_checkpoints: int | None, ckpt: int | str,
-            argv: tuple[str, ...]) -> None:
+def restore(store_path: Path, image: Path | None, disk_device: str | None, output: Path | None,
+            disk_dir: Path | None, disk_format: str, workers: int, paused: bool,
+            checkpoint: bool, options: EngineOptions, max_checkpoints: int | None,
+            ckpt: int | str, argv: tuple[str, ...]) -> None:
     """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
-    -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM), or with
-    --image into a RAM image file, bit-exact."""
+    -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM; each of
+    its disks is written into a new image and its drive pointed there, the original images
+    are never written), or with --image into a RAM image file, or with --disk DEVICE -o FILE
+    one disk into an image file, bit-exact."""
     which = ckpt
+    if (disk_device is None) != (output is None):
+        _fail("--disk DEVICE and -o FILE go together (the RAM image: --image FILE)")
+    if disk_device is not None and output is not None:
+        if image is not None or argv:
+            _fail("--disk writes one disk's image: give it without --image or a command line")
+        _restore_disk(store_path, which, disk_device, output, disk_format)
+        return
     if image is not None:
         try:
             with open_store(store_path, readonly=True) as store:
@@ -264,10 +284,41 @@ def restore(store_path: Path, image: Path | None, workers: int, paused: bool, ch
         _fail("give --image FILE, or the QEMU command line after --")
     if checkpoint:
         _refuse_without_userfaultfd()
+    dirs = {"disk_dir": str(disk_dir)} if disk_dir else {}
     _engine(lambda store: restore_qemu(store, which, argv, paused=paused,
                                        checkpoint=options if checkpoint else None,
+                                       disk_format=disk_format, **dirs,
                                        max_checkpoints=max_checkpoints), store_path, argv[0],
             create=False, checkpointing=checkpoint)
+
+
+def _restore_disk(store_path: Path, which: int | str, device: str, output: Path,
+                  fmt: str) -> None:
+    """`restore CKPT --disk DEVICE -o FILE`: the disk written beside FILE, then renamed to it
+    (a failed restore leaves FILE as it was)."""
+    try:
+        with open_store(store_path, readonly=True) as store:
+            rec = store.get_record(which)
+            disks = rec.get("disks") or []
+            name = next((d["device"] for d in disks if device in (d["device"],
+                                                                  device_id(d["device"]))),
+                        None)
+            if name is None:
+                have = ", ".join(device_id(d["device"]) for d in disks) or "none"
+                _fail(f"checkpoint {rec['id']} has no disk {device} (its disks: {have})")
+            made = write_disk(store, rec, name, output.parent, fmt)
+            try:
+                os.replace(made.path, output)
+            except OSError:
+                made.path.unlink()
+                raise
+    except (StoreError, DiskWriteError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the disk image {output}: {e.strerror}")
+    size = next(d["size"] for d in disks if d["device"] == name)
+    click.echo(f"restored disk {device} of checkpoint {rec['id']} ({size} bytes, {fmt}) into "
+               f"{output}")
 
 
 @main.command("preload-path")

@@ -16,7 +16,8 @@ from vmckpt.cli.text import emit_json, json_option, local_time, reading, size_te
               default=Path("vmckpt-plot.png"), show_default=True, help="The PNG to write.")
 @json_option
 def plot(store_path: Path, out_file: Path, as_json: bool) -> None:
-    """Plot pause, pages dirtied, bytes stored and dedup per checkpoint over time."""
+    """Plot pause, pages dirtied, bytes stored, disk blocks and dedup per checkpoint over
+    time."""
     with reading(store_path) as store:
         records = store.list_checkpoints()
     if not records:
@@ -44,11 +45,18 @@ def draw(records: list[dict], store_path: Path, out_file: Path) -> None:
         return [np.nan if r.get(key) is None else r[key] * scale for r in records]
 
     copied = [(r.get("pages_stored_new") or 0) + (r.get("dedup_hits") or 0) for r in records]
+    def disk_mib(key: str) -> list[float]:
+        return [sum(d.get(key) or 0 for d in r.get("disks") or ()) * r["page_size"] / 2**20
+                for r in records]
+
     panels = [
         ("pause (ms)", [("pause", series("pause", 1e3))]),
         ("pages", [("dirtied", series("pages_dirtied")),
                    ("stored new", series("pages_stored_new"))]),
         ("new data stored\n(MiB)", [("bytes added", series("bytes_added", 2**-20))]),
+        *([("disk blocks\n(MiB)", [("read", disk_mib("blocks_dirty")),
+                                    ("stored new", disk_mib("blocks_new"))])]
+          if any(r.get("disks") for r in records) else []),
         ("dedup hits (% of\nnon-zero copies)", [("dedup", [
             100 * (r.get("dedup_hits") or 0) / c if c else np.nan
             for r, c in zip(records, copied, strict=True)])]),

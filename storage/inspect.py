@@ -15,7 +15,7 @@ from vmckpt.storage.errors import Damaged, MissingPage, id_ranges
 from vmckpt.storage.interface import PageStore
 from vmckpt.storage.pagemap import ID_BYTES, MapDelta, PageMap, page_ids
 from vmckpt.storage.private import private_dir, write_private
-from vmckpt.storage.regions import map_pages
+from vmckpt.storage.regions import Region, disk_file_name, disk_regions, map_pages, ram_region
 from vmckpt.storage.restore import RestoreStats, restore_image
 
 # A page id as one numpy value: sortable and comparable, so sets of ids stay vectorised.
@@ -40,22 +40,66 @@ def map_chain(store: PageStore, rec: dict) -> list[dict]:
         rec = store.get_record(rec["parent"])
 
 
-def differing(a: PageMap, b: PageMap) -> np.ndarray:
-    """The frames (pfns, ascending) whose page differs between two maps; frames beyond the
-    smaller map count as zero there."""
-    n = min(a.npages, b.npages)
-    longer = a if a.npages > b.npages else b
-    return np.concatenate([np.flatnonzero((a.ids[:n] != b.ids[:n]).any(axis=1)),
-                           n + np.flatnonzero(longer.ids[n:].any(axis=1))])
+def differing_ids(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The rows (ascending) whose id differs between two runs of page ids; rows beyond the
+    shorter count as zero there."""
+    n = min(len(a), len(b))
+    longer = a if len(a) > len(b) else b
+    return np.concatenate([np.flatnonzero((a[:n] != b[:n]).any(axis=1)),
+                           n + np.flatnonzero(longer[n:].any(axis=1))])
 
 
-def changes(store: PageStore, rec: dict) -> tuple[PageMap, np.ndarray]:
-    """A checkpoint's map and the frames that differ from its parent's (for a first checkpoint,
-    every frame that holds data)."""
+def region_ids(pmap: PageMap, region: Region | None) -> np.ndarray:
+    """The page ids of a region's frames (none for a region the checkpoint does not have)."""
+    if region is None:
+        return np.zeros((0, ID_BYTES), np.uint8)
+    return pmap.ids[region.first:region.first + region.pages]
+
+
+@dataclass
+class DiskDiff:
+    device: str
+    blocks: int        # the larger of its two sizes, in blocks
+    differing: np.ndarray  # block numbers (ascending) whose content differs
+    present: str       # "both", or the only side that has it: "a" or "b"
+
+
+def ram_and_disk_diffs(ra: dict, ma: PageMap, rb: dict, mb: PageMap
+                       ) -> tuple[np.ndarray, list[DiskDiff]]:
+    """What differs between two checkpoints: guest RAM's frames, and each disk's blocks (by
+    device; a disk only one of them has differs wherever it holds data)."""
+    ram = differing_ids(region_ids(ma, ram_region(ra)), region_ids(mb, ram_region(rb)))
+    da = {r.name: r for r in disk_regions(ra)}
+    db = {r.name: r for r in disk_regions(rb)}
+    disks = []
+    for name in [*da, *(n for n in db if n not in da)]:
+        a, b = da.get(name), db.get(name)
+        present = "both" if a and b else "a" if a else "b"
+        disks.append(DiskDiff(name, max(r.pages for r in (a, b) if r),
+                              differing_ids(region_ids(ma, a), region_ids(mb, b)), present))
+    return ram, disks
+
+
+def disk_changes(rec: dict, pmap: PageMap, before: PageMap) -> list[dict]:
+    """Each disk's blocks that differ from the parent's map and those holding data."""
+    out = []
+    for region in disk_regions(rec):
+        ids = region_ids(pmap, region)
+        out.append({"device": region.name, "blocks": region.pages,
+                    "changed_blocks": len(differing_ids(region_ids(before, region), ids)),
+                    "data_blocks": int(ids.any(axis=1).sum())})
+    return out
+
+
+def changes(store: PageStore, rec: dict) -> tuple[PageMap, np.ndarray, list[dict]]:
+    """A checkpoint's map, the frames of guest RAM that differ from its parent's (for a first
+    checkpoint, every frame that holds data), and each disk's changed blocks (disk_changes)."""
     pmap = store.read_map(rec["id"])
     parent = rec.get("parent")
     before = store.read_map(parent) if parent is not None else PageMap.empty(pmap.npages)
-    return pmap, differing(before, pmap)
+    ram = ram_region(rec)
+    return (pmap, differing_ids(region_ids(before, ram), region_ids(pmap, ram)),
+            disk_changes(rec, pmap, before))
 
 
 def runs(pfns: np.ndarray) -> list[tuple[int, int]]:
@@ -87,6 +131,11 @@ def store_stats(store: PageStore, top: int = 10) -> dict:
 
     logical, new, dup = total("ram_size"), total("pages_stored_new"), total("dedup_hits")
     dirtied, zero = total("pages_dirtied"), total("zero_pages")
+
+    def disk_total(key: str) -> int:
+        return sum(d.get(key) or 0 for r in records for d in r.get("disks") or ())
+
+    disk_logical = disk_total("size")
     newest = None
     if records:
         last = records[-1]["id"]
@@ -105,7 +154,11 @@ def store_stats(store: PageStore, top: int = 10) -> dict:
         "stored_pages": pages,
         "stored_bytes": pages * size,
         "disk_bytes": disk,
-        "logical_to_stored": logical / (pages * size) if pages else None,
+        "disk_logical_bytes": disk_logical,
+        "disk_blocks_dirty": disk_total("blocks_dirty"),
+        "disk_blocks_stored_new": disk_total("blocks_new"),
+        "disk_blocks_dedup": disk_total("blocks_dedup"),
+        "logical_to_stored": (logical + disk_logical) / (pages * size) if pages else None,
         "pages_copied": new + dup,
         "pages_stored_new": new,
         "dedup_ratio": (new + dup) / new if new else None,
@@ -357,6 +410,14 @@ def _verify(batch: list[tuple[bytes, bytes]], size: int) -> dict[bytes, tuple[st
     return wrong
 
 
+def frame_text(rec: dict, pfn: int) -> str:
+    """Where a frame of a checkpoint's map is: a page of guest RAM, or a disk's block."""
+    for region in disk_regions(rec):
+        if pfn in region.frames():
+            return f"disk {region.name} block {pfn - region.first}"
+    return f"pfn {pfn:#x}"
+
+
 def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, str]],
             report: CheckReport) -> None:
     """One problem per bad page, naming the first checkpoint and frame that hold it and every
@@ -383,6 +444,7 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
             for row in device:
                 if row.tobytes() in bad:
                     where[row.tobytes()].append((ckpt, None))
+    by_id = {r["id"]: r for r in records}
     groups: dict[tuple[str, str], list[bytes]] = {}
     for pid, problem in bad.items():
         groups.setdefault(problem, []).append(pid)
@@ -406,7 +468,7 @@ def _locate(store: PageStore, records: list[dict], bad: dict[bytes, tuple[str, s
             continue
         ckpt, pfn = refs[0]
         ckpts = sorted({c for c, _ in refs})
-        frame = "device state" if pfn is None else f"pfn {pfn:#x}"
+        frame = "device state" if pfn is None else frame_text(by_id[ckpt], pfn)
         report.problems.append(Problem(
             kind, f"checkpoint {ckpt} {frame}: page {pid.hex()} {what}; checkpoints that need "
                   f"it: {id_ranges(ckpts)}", ckpt, pfn, pid.hex(), ckpts))
@@ -418,16 +480,24 @@ class Export:
     ram_image: Path
     restore: RestoreStats
     device_state: Path | None  # None: the checkpoint has no device state
+    disks: dict[str, tuple[Path, RestoreStats]] = field(default_factory=dict)  # by device
 
 
 def export_checkpoint(store: PageStore, ckpt: int | str, out_dir: Path) -> Export:
-    """Writes out_dir/ram.img (sparse) and out_dir/device-state.bin (if the checkpoint has
-    device state; an older one there is removed, so the directory never mixes two exports),
-    for their owner's eyes only: a directory it makes is 0700, the files 0600."""
+    """Writes out_dir/ram.img (sparse), out_dir/disk-DEVICE.img (raw, sparse) for each disk
+    it holds and out_dir/device-state.bin (if the checkpoint has device state; older ones
+    there are removed, so the directory never mixes two exports), for their owner's eyes
+    only: a directory it makes is 0700, the files 0600."""
     rec = store.get_record(ckpt)
     private_dir(out_dir, narrow=False)
     ram = out_dir / "ram.img"
     stats = restore_image(store, rec["id"], ram)
+    disks = {d["device"]: out_dir / f"disk-{disk_file_name(d['device'])}.img"
+             for d in rec.get("disks") or ()}
+    for old in set(out_dir.glob("disk-*.img")) - set(disks.values()):
+        old.unlink()
+    written = {device: (path, restore_image(store, rec["id"], path, disk=device))
+               for device, path in disks.items()}
     device = out_dir / "device-state.bin"
     if rec.get("device_state"):
         try:
@@ -439,6 +509,6 @@ def export_checkpoint(store: PageStore, ckpt: int | str, out_dir: Path) -> Expor
             raise MissingPage(f"checkpoint {rec['id']}: its device state cannot be read: {e}"
                               ) from None
         write_private(device, state)
-        return Export(rec, ram, stats, device)
+        return Export(rec, ram, stats, device, written)
     device.unlink(missing_ok=True)
-    return Export(rec, ram, stats, None)
+    return Export(rec, ram, stats, None, written)

@@ -4,6 +4,7 @@ content-addressed store, so a block that is also in the guest's page cache is st
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 PAGE = 4096
@@ -54,3 +55,8 @@ def region_named(record: dict, name: str) -> Region:
             return r
     names = ", ".join(r.name for r in disk_regions(record)) or "none"
     raise KeyError(f"checkpoint {record.get('id')} has no disk {name!r} (its disks: {names})")
+
+
+def disk_file_name(device: str) -> str:
+    """A disk's device as part of a file name (a qdev path has slashes)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device).strip("_") or "disk"

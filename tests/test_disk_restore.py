@@ -8,13 +8,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_with_refs import file_digest
+from engine_with_refs import file_digest, image_digest
+from test_disks import disk_ticks, run_with_disk
+from test_qemu import VMCKPT, last_tick, wait_for
 from vmckpt.engine.qemu.argv import parse_opts
 from vmckpt.engine.qemu.disks import drive_names
 from vmckpt.engine.qemu.qmp import Qmp
@@ -25,7 +28,7 @@ from vmckpt.engine.qemu.restore_disks import (
     point_drives,
     write_disks,
 )
-from vmckpt.storage import MapDelta, open_store, place_disks
+from vmckpt.storage import MapDelta, open_store, place_disks, restore_image
 from vmckpt.storage.pagemap import page_ids
 
 MiB, PAGE = 1 << 20, 4096
@@ -306,3 +309,216 @@ def test_a_failed_write_leaves_no_image(tmp_path, images):
             write_disks(s, rec, tmp_path / "absent", "raw")
         with pytest.raises(DiskWriteError, match="vmckpt writes raw or qcow2"):
             write_disks(s, rec, out, "vmdk")
+
+
+# ----------------------------------------------------- vmckpt restore / export, end to end
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory) -> tuple[Path, list[str], dict]:
+    """A real run of the test guest writing tick n to block n of its raw disk, checkpointed
+    with its disk; returns the store, the guest's command line and a middle checkpoint whose
+    disk holds some ticks."""
+    tmp = tmp_path_factory.mktemp("captured")
+    _, argv = run_with_disk(tmp, 8)
+    with open_store(tmp / "store", readonly=True) as s:
+        recs = s.list_checkpoints()
+    mid = next(r for r in recs[len(recs) // 2:] if r["disks"][0]["blocks_dirty"])
+    return tmp / "store", argv, mid
+
+
+def restore_cmd(store: Path, ckpt: int, *args: str) -> list[str]:
+    return [VMCKPT, "restore", "--store", str(store), str(ckpt), *args]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_restore_runs_the_guest_on_new_disk_images_and_leaves_the_original(
+        tmp_path, captured, fmt):
+    # The command line as the VM ran, unchanged: the restore writes the checkpoint's disk into
+    # a new image in --disk-dir, the guest runs on it from its checkpointed instant and finds
+    # no write from after it (disk=ok; its next tick is the one after the disk's last), and
+    # the user's image is the same before and after, though the guest writes its disk.
+    store, argv, mid = captured
+    raw = Path(next(a for a in argv if a.startswith("file=")).split(",")[0][5:])
+    original = file_digest(raw)
+    with open_store(store, readonly=True) as s:
+        restore_image(s, mid["id"], tmp_path / "ref.raw", progress=False, disk="virtio0")
+    on_disk = disk_ticks((tmp_path / "ref.raw").read_bytes())
+    assert on_disk == list(range(1, len(on_disk) + 1)) and on_disk
+    log, disks = tmp_path / "restored.log", tmp_path / "disks"
+    disks.mkdir()
+    restored = [f"file:{log}" if a.startswith("file:") else a for a in argv]
+    proc = subprocess.Popen(restore_cmd(store, mid["id"], "--disk-dir", str(disks),
+                                        "--disk-format", fmt, "--", *restored),
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: last_tick(log) >= on_disk[-1] + 3, 120, "the restored guest")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    lines = [ln for ln in log.read_bytes().split(b"\n")[:-1] if b"VMCKPT-TICK" in ln]
+    assert lines and all(b"disk=ok" in ln for ln in lines), lines
+    assert int(lines[0].split()[1]) == on_disk[-1] + 1, (lines[0], on_disk[-1])
+    assert file_digest(raw) == original
+    [image] = disks.iterdir()
+    assert image.suffix == f".{fmt}" and f"disk virtio0 restored into {image} ({fmt})" in err
+    flat = tmp_path / "after.raw"
+    qemu_img("convert", "-f", fmt, "-O", "raw", image, flat)
+    after = disk_ticks(flat.read_bytes())  # the restored guest wrote its ticks there
+    assert after[:len(on_disk)] == on_disk and len(after) > len(on_disk)
+
+
+def test_restore_one_disk_and_refuse_other_disks(tmp_path, captured):
+    store, argv, mid = captured
+    out = tmp_path / "d.img"
+    at = argv.index("-drive")
+    r = subprocess.run(restore_cmd(store, mid["id"], "--disk", "virtio0", "-o", str(out)),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert image_digest(store, mid["id"], tmp_path, disk="virtio0") == file_digest(out)
+    assert out.stat().st_mode & 0o777 == 0o600
+    r = subprocess.run(restore_cmd(store, mid["id"], "--disk", "virtio0", "-o",
+                                   str(tmp_path / "d.qcow2"), "--disk-format", "qcow2"),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", tmp_path / "d.qcow2", tmp_path / "q.raw")
+    assert file_digest(tmp_path / "q.raw") == file_digest(out)
+    for args, words in [
+            (["--disk", "vda", "-o", str(out)], f"checkpoint {mid['id']} has no disk vda "
+                                                "(its disks: virtio0)"),
+            (["--disk", "virtio0"], "--disk DEVICE and -o FILE go together"),
+            (["--", *[a.replace(",format=raw", ",format=raw,id=data") for a in argv]],
+             "the command line's disks do not match checkpoint"),
+            (["--", *argv[:at], *argv[at + 2:]],
+             "the checkpoint's disk virtio0")]:
+        r = subprocess.run(restore_cmd(store, mid["id"], *args), capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("vmckpt: ") and \
+            r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+    assert list(tmp_path.glob("vmckpt-*")) == []
+
+
+def test_export_writes_the_disks_and_points_its_command_line_at_them(tmp_path, captured):
+    store, argv, mid = captured
+    out = tmp_path / "out"
+    r = subprocess.run([VMCKPT, "export", "--store", str(store), str(mid["id"]), "-o",
+                        str(out), "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads(r.stdout)
+    image = out / "disk-virtio0.img"
+    assert manifest["disks"] == [{"device": "virtio0", "image": str(image),
+                                  "size": 16 * MiB, "format": "raw",
+                                  "blocks": manifest["disks"][0]["blocks"]}]
+    assert file_digest(image) == image_digest(store, mid["id"], tmp_path, disk="virtio0")
+    hint = manifest["qemu"]["argv"]
+    assert any(a.startswith(f"file={image},format=raw,") for a in hint), hint
+    assert hint[-2] == "-qmp"
+    blocks, _ = query_block(hint[:-2], tmp_path)
+    assert [b["inserted"]["file"] for b in blocks if b.get("inserted")] == [str(image)]
+
+
+# -------------------------------------------------------------------------------- inspector
+
+
+def vmckpt(*args: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([VMCKPT, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def as_json(*args: str):
+    return json.loads(vmckpt(*args, "--json").stdout)
+
+
+CHANGED = [1, 2, 3, 100, 2000]  # virtio0's blocks checkpoint 2 writes
+
+
+@pytest.fixture
+def two(tmp_path) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
+    """A store of two checkpoints with two disks (one of a size that ends in a partial
+    block); the second changes five blocks of the first disk and nothing else."""
+    store = tmp_path / "store"
+    before, after = bytearray(disk_bytes(8 * MiB, 7)), bytearray(disk_bytes(8 * MiB, 7))
+    for n, block in enumerate(CHANGED):
+        before[block * PAGE:(block + 1) * PAGE] = bytes([100 + n]) * PAGE
+        after[block * PAGE:(block + 1) * PAGE] = bytes([n + 1]) * PAGE
+    one = {"virtio0": bytes(before), "virtio1": disk_bytes(4 * MiB + 1000, 8)}
+    second = {**one, "virtio0": bytes(after)}
+    disks = [disk("virtio0", tmp_path / "a.raw", 8 * MiB, "raw"),
+             disk("virtio1", tmp_path / "b.qcow2", 4 * MiB + 1000, "qcow2")]
+    with open_store(store, create=True) as s:
+        commit(s, disks, second, commit(s, disks, one))
+    return store, one, second
+
+
+def test_ls_show_diff_stats_plot_cover_the_disks(tmp_path, two):
+    store, one, second = two
+    header, *lines = vmckpt("ls", "--store", str(store)).stdout.splitlines()
+    assert "disks" in header and "disk new" in header
+    assert [line.split()[-4:-2] for line in lines] == [["2", "80"]] * 2, lines
+    shown = as_json("show", "--store", str(store), "2")
+    assert [(d["device"], d["size"], d["format"], d["blocks_dirty"], d["blocks_new"],
+             d["blocks_dedup"], d["changed_blocks"], d["data_blocks"])
+            for d in shown["disks"]] == [
+        ("virtio0", 8 * MiB, "raw", 40, 40, 0, 5, int(as_pages(second["virtio0"])
+                                                       .any(axis=1).sum())),
+        ("virtio1", 4 * MiB + 1000, "qcow2", 40, 40, 0, 0, 40)]
+    assert shown["dirty"]["pages"] == RAM // PAGE and shown["dirty"]["changed_pages"] == 0
+    first = as_json("show", "--store", str(store), "1")
+    assert [d["changed_blocks"] for d in first["disks"]] == [45, 40]  # from empty disks
+    text = vmckpt("show", "--store", str(store), "2").stdout
+    assert "disks         2 captured" in text
+    assert any(line.split()[:2] == ["virtio1", "4.0"] for line in text.splitlines()), text
+    diff = as_json("diff", "--store", str(store), "1", "2")
+    assert diff["differing_pages"] == 0 and diff["pages"] == RAM // PAGE
+    assert [(d["device"], d["present"], d["blocks"], d["differing_blocks"])
+            for d in diff["disks"]] == [("virtio0", "both", 2048, 5), ("virtio1", "both", 1025, 0)]
+    assert [(r["start"], r["pages"]) for r in diff["disks"][0]["regions"]] == \
+        [(PAGE, 3), (100 * PAGE, 1), (2000 * PAGE, 1)]
+    text = vmckpt("diff", "--store", str(store), "1", "2").stdout
+    assert "checkpoints 1 and 2: 0 of 64 pages differ" in text
+    assert "disk virtio0: 5 of 2048 blocks differ (20 KiB), in 3 regions" in text
+    stats = as_json("stats", "--store", str(store))
+    assert stats["disk_logical_bytes"] == 2 * (12 * MiB + 1000)
+    assert (stats["disk_blocks_dirty"], stats["disk_blocks_stored_new"],
+            stats["disk_blocks_dedup"]) == (160, 160, 0)
+    assert re.search(r"\ndisk blocks +160 read, 160 stored new, 0 already stored",
+                     vmckpt("stats", "--store", str(store)).stdout)
+    png = tmp_path / "p.png"
+    vmckpt("plot", "--store", str(store), "-o", str(png))
+    assert png.stat().st_size > 20_000
+
+
+def test_check_reads_disk_blocks_and_prune_gc_keep_the_kept_disks(tmp_path, two):
+    from test_inspect import close, raw_db
+
+    store, one, second = two
+    r = subprocess.run([VMCKPT, "check", "--store", str(store), "--read-data", "--json"],
+                       capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["sound"]
+    stored = report["pages_stored"]
+    # Drop checkpoint 1: the five blocks only it held go at gc, the rest stays; checkpoint 2
+    # restores bit-exact, both disks.
+    assert as_json("prune", "--store", str(store), "--keep-last", "1")["kept"] == [2]
+    gc = as_json("gc", "--store", str(store))
+    assert gc["pages_freed"] == len(CHANGED) and gc["pages_stored"] == stored
+    with open_store(store, readonly=True) as s:
+        for device in second:
+            restore_image(s, 2, tmp_path / "d.img", progress=False, disk=device)
+            assert (tmp_path / "d.img").read_bytes() == second[device]
+            (tmp_path / "d.img").unlink()
+        pmap = s.read_map(2)
+        first = s.get_record(2)["disks"][1]["first"]
+    # A disk block gone bad is found by check --read-data, named by its disk and block.
+    pid = pmap.ids[first + int(np.flatnonzero(pmap.ids[first:].any(axis=1))[0])].tobytes()
+    block = int(np.flatnonzero((pmap.ids[first:] == np.frombuffer(pid, np.uint8))
+                               .all(axis=1))[0])
+    db = raw_db(store)
+    pages = db.get_column_family("pages")
+    pages[pid] = bytes(reversed(pages[pid]))
+    close(db, pages)
+    r = subprocess.run([VMCKPT, "check", "--store", str(store), "--read-data"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"checkpoint 2 disk virtio1 block {block}: page {pid.hex()}" in r.stdout, r.stdout

@@ -130,7 +130,8 @@ def test_ls_lists_every_checkpoint_with_its_figures(good):
     assert all(r["device_state"] is None and r["target"]["kind"] == "process" for r in records)
     lines = ok("ls", "--store", str(good)).stdout.splitlines()
     assert lines[0].split() == ["id", "parent", "time", "VM", "RAM", "dirtied", "new", "dedup",
-                                "zero", "added", "pause", "ms", "drain", "ms"]
+                                "zero", "added", "disks", "disk", "new", "pause", "ms",
+                                "drain", "ms"]
     assert len(lines) == CHECKPOINTS + 1
     for line, r in zip(lines[1:], records, strict=True):
         cells = line.split()
@@ -140,6 +141,7 @@ def test_ls_lists_every_checkpoint_with_its_figures(good):
         assert cells[4] == r["target"]["name"] and " ".join(cells[5:7]) == "16 MiB"
         assert cells[7:11] == [str(r[k]) for k in ("pages_dirtied", "pages_stored_new",
                                                    "dedup_hits", "zero_pages")]
+        assert cells[-4:-2] == ["0", "-"]  # a process has no disks
         assert cells[-2] == f"{r['pause'] * 1e3:.2f}"
     assert sum(r["dedup_hits"] for r in records) > 0 and sum(r["zero_pages"] for r in records)
 

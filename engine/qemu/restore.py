@@ -17,6 +17,13 @@ from typing import Any
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.qemu.argv import for_restore, with_qmp
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
+from vmckpt.engine.qemu.restore_disks import (
+    DiskWriteError,
+    Image,
+    match_drives,
+    point_drives,
+    write_disks,
+)
 from vmckpt.engine.session import AttachError, TrackedProgram, checkpoint_program
 from vmckpt.storage import PageStore, get_blob, restore_image
 
@@ -91,6 +98,18 @@ def _write_image(store: PageStore, ckpt: int, image_dir: str) -> Path:
     return Path(name)
 
 
+def _write_disks(store: PageStore, rec: dict, disk_dir: str, fmt: str) -> dict[str, Image]:
+    try:
+        return write_disks(store, rec, disk_dir, fmt)
+    except DiskWriteError as e:
+        raise RestoreError(str(e)) from None
+
+
+def _remove(disks: dict[str, Image]) -> None:
+    for disk in disks.values():
+        disk.path.unlink(missing_ok=True)
+
+
 async def _kill(proc: asyncio.subprocess.Process | None) -> None:
     if proc and proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
@@ -100,9 +119,14 @@ async def _kill(proc: asyncio.subprocess.Process | None) -> None:
 
 async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *,
                        paused: bool = False, checkpoint: EngineOptions | None = None,
-                       image_dir: str = "/dev/shm", attach_timeout: float = 30.0,
+                       image_dir: str = "/dev/shm", disk_dir: str | None = None,
+                       disk_format: str = "raw", attach_timeout: float = 30.0,
                        on_loaded: Callable[[Path], None] | None = None, **how: Any) -> int:
     """Runs a new QEMU (argv: the same machine as the checkpointed one) from checkpoint ckpt.
+
+    Each disk the checkpoint holds is written into a new sparse image (disk_format: raw or
+    qcow2) in disk_dir (default: image_dir) and its drive on argv is pointed at it; the images
+    stay once the guest runs (they are its disks now), and the user's own are never written.
 
     paused: stop after loading (for a debugger); checkpoint: keep checkpointing it into the
     same store as a new branch whose parent is ckpt (how: checkpoint_program's options).
@@ -121,6 +145,8 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
                     "them as they are now, not as they were at the checkpoint", rec["id"],
                     ", ".join(d["device"] for d in missed))
     for_restore(argv, "IMAGE", rec)  # refuses a wrong size before any work
+    if "disks" in rec:  # (a record from before disks were captured says nothing of them)
+        match_drives(argv, rec)  # and a command line with other disks
     # Until the guest runs, SIGTERM stops the restore like Ctrl-C does (asyncio cancels the
     # task at its next await): the cleanup below runs, where SIGTERM's default would leave
     # the image and QEMU behind.
@@ -131,7 +157,8 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
     loop.add_signal_handler(signal.SIGTERM, lambda: (terminated.append(True), task.cancel()))
     try:
         return await _restore(store, rec, device, argv, paused, checkpoint, image_dir,
-                              attach_timeout, on_loaded, how)
+                              disk_dir or image_dir, disk_format, attach_timeout, on_loaded,
+                              how)
     except asyncio.CancelledError:
         if not terminated:
             raise
@@ -143,16 +170,21 @@ async def restore_qemu(store: PageStore, ckpt: int | str, argv: Sequence[str], *
 
 async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[str],
                    paused: bool, checkpoint: EngineOptions | None, image_dir: str,
-                   attach_timeout: float, on_loaded: Callable[[Path], None] | None,
-                   how: dict[str, Any]) -> int:
-    image = _write_image(store, rec["id"], image_dir)
+                   disk_dir: str, disk_format: str, attach_timeout: float,
+                   on_loaded: Callable[[Path], None] | None, how: dict[str, Any]) -> int:
+    disks = _write_disks(store, rec, disk_dir, disk_format)
+    try:
+        image = _write_image(store, rec["id"], image_dir)
+    except BaseException:
+        _remove(disks)
+        raise
     tail = StderrTail()
     proc: asyncio.subprocess.Process | None = None
     prog: TrackedProgram | None = None
     qmp: Qmp | None = None
     loaded = False
     try:
-        qemu_argv = for_restore(argv, image, rec)
+        qemu_argv = for_restore(point_drives(argv, rec, disks) if disks else argv, image, rec)
         with tempfile.TemporaryDirectory(prefix="vmckpt-") as tmp:
             sock = Path(tmp) / "engine.sock"
             try:
@@ -191,6 +223,8 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
             if on_loaded:
                 on_loaded(image)
             image.unlink()  # QEMU keeps its mapping; the memory goes when QEMU exits
+            for name, disk in disks.items():  # the guest's disks now: they stay
+                log.info("disk %s restored into %s (%s)", name, disk.path, disk.format)
             if not paused:
                 await qmp.cmd("cont")
             log.info("checkpoint %d restored%s", rec["id"],
@@ -218,6 +252,7 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
             if prog:
                 await prog.untrack()
             await _kill(proc)
+            _remove(disks)
         if qmp:  # always: an unclosed client leaves "exception was never retrieved" behind
             await qmp.close()
         await tail.close()

@@ -32,6 +32,7 @@ from vmckpt.engine.qemu.argv import (
 )
 from vmckpt.engine.qemu.disks import drive_names, temporary_drives
 from vmckpt.storage import PageStore, restore_image
+from vmckpt.storage.regions import disk_file_name
 
 FORMATS = ("raw", "qcow2")
 # Options that tie a node to its old image: the new one is a flat file of its own.
@@ -312,11 +313,6 @@ def _without_orphans(argv: list[str], replaced: set[str]) -> list[str]:
 # -------------------------------------------------------------------------------- writing
 
 
-def _safe(device: str) -> str:
-    """A device name as part of a file name (a qdev path has slashes)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device).strip("_") or "disk"
-
-
 def write_disks(store: PageStore, record: dict, disk_dir: str | Path, fmt: str = "raw"
                 ) -> dict[str, Image]:
     """Each disk of the checkpoint into a new sparse image in disk_dir (0600, an unpredictable
@@ -337,7 +333,7 @@ def write_disks(store: PageStore, record: dict, disk_dir: str | Path, fmt: str =
 
 def _new_file(disk_dir: str | Path, record: dict, device: str, suffix: str) -> tuple[int, Path]:
     try:
-        fd, name = tempfile.mkstemp(prefix=f"vmckpt-{record['id']}-{_safe(device)}-",
+        fd, name = tempfile.mkstemp(prefix=f"vmckpt-{record['id']}-{disk_file_name(device)}-",
                                     suffix=suffix, dir=disk_dir)
     except OSError as e:
         raise DiskWriteError(f"cannot create the image of disk {device} in {disk_dir}: "
