@@ -178,7 +178,8 @@ def writable_drives(argv: Sequence[str]) -> list[Drive]:
 def drive_size(drive: Drive) -> int | None:
     """The virtual size of the image a drive opens (None if it cannot be read: it need not
     exist, the restore brings its own)."""
-    spec = {k: v for k, v in drive.spec.items() if v is not None}
+    # qemu-img info opens no backing file (and takes none as a child here).
+    spec = {k: v for k, v in drive.spec.items() if v is not None and k != "backing"}
     target = f"json:{json.dumps(spec)}" if "driver" in spec else str(drive.file)
     try:
         out = subprocess.run(["qemu-img", "info", "-U", "--output=json", target],
