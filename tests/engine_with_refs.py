@@ -1,6 +1,7 @@
 """Runs the engine with guest RAM saved at every pause: the SHA-256 of guest RAM at a
 checkpoint's pause is written to REFDIR/ID.sha256 once that checkpoint is committed as ID, and
-the SHA-256 of each raw disk it captures (its file, the guest stopped) to REFDIR/ID.disks.json.
+the SHA-256 of each disk it captures (as the guest sees it, the guest stopped) to
+REFDIR/ID.disks.json.
 
     engine_with_refs.py STORE REFDIR PROGRAM ARGS...   `vmckpt run`'s engine on PROGRAM
     engine_with_refs.py --cli REFDIR VMCKPT-ARGS...    the `vmckpt` command itself (run,
@@ -94,8 +95,8 @@ def hooks(refdir: Path, hold: Callable[[str, int], None] | None = None
             store.paused += 1
             (refdir / ".pending").write_text(hashlib.sha256(engine.tracker.ram_view()).hexdigest())
             (refdir / ".pending-disks").write_text(json.dumps({
-                d["device"]: file_digest(d["file"]) for d in engine.target.disks
-                if d["format"] == "raw"}))
+                d["device"]: disk_digest(d, refdir) for d in engine.target.disks
+                if not d["file"].startswith("json:")}))
             hold("pause", store.paused)
 
         engine.on_paused = save
@@ -107,6 +108,20 @@ def hooks(refdir: Path, hold: Callable[[str, int], None] | None = None
 def file_digest(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def disk_digest(disk: dict, tmp: Path) -> str:
+    """The SHA-256 of a disk's guest-visible bytes: a raw file itself, anything else as
+    qemu-img reads it (-U: QEMU holds the image)."""
+    if disk["format"] == "raw":
+        return file_digest(disk["file"])
+    flat = tmp / ".flat"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", disk["file"], str(flat)],
+                   check=True)
+    try:
+        return file_digest(flat)
+    finally:
+        flat.unlink()
 
 
 def env_hold() -> Callable[[str, int], None]:
@@ -255,7 +270,7 @@ class HookedCli:
         return (self.refdir / f"{ckpt}.sha256").read_text()
 
     def disk_refs(self, ckpt: int) -> dict[str, str]:
-        """The SHA-256 (hex) of each raw disk at the pause of checkpoint ckpt, by device."""
+        """The SHA-256 (hex) of each disk at the pause of checkpoint ckpt, by device."""
         return json.loads((self.refdir / f"{ckpt}.disks.json").read_text())
 
     def kill(self) -> None:

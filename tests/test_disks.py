@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -185,3 +186,48 @@ def test_a_block_in_the_page_cache_and_on_disk_is_stored_once(tmp_path):
     took = [i for i, r in enumerate(recs) if r["disks"][0]["blocks_dirty"] >= 128]
     assert took and len(took) <= 2, [r["disks"][0]["blocks_dirty"] for r in recs]
     assert all(r["disks"][0]["blocks_dirty"] <= 4 for r in recs[took[-1] + 1:]), recs
+
+
+def test_qcow2_with_a_backing_file_a_second_raw_disk_and_a_cdrom(tmp_path):
+    # Target 2, the capture's side: the guest writes its ticks into a qcow2 overlay whose
+    # backing file holds data of its own; a second, raw disk holds data it never writes; a
+    # cdrom is skipped and recorded. Every checkpoint holds each disk as the guest saw it at
+    # the pause (the qcow2 flattened through its backing file).
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    raw = raw_disk(tmp_path / "second.raw", 4 * MiB)
+    with raw.open("r+b") as f:
+        f.seek(MiB)
+        f.write(os.urandom(64 << 10))  # an extent in the middle: sparse around it
+    stuffed = tmp_path / "stuff.raw"
+    stuffed.write_bytes(b"\0" * (3 * MiB) + os.urandom(MiB))  # the backing's data: last MiB
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(stuffed), str(base)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    (tmp_path / "cd.iso").write_bytes(b"\1" * MiB)
+    log = tmp_path / "serial.log"
+    argv = [*qemu_argv(mem="128M", work="idle", mb=16, serial=f"file:{log}",
+                       disk=f"file={top},cache=none"),
+            "-drive", f"file={raw},format=raw,if=virtio,id=second",
+            "-drive", f"file={tmp_path / 'cd.iso'},format=raw,if=ide,media=cdrom,id=cd"]
+    run = HookedCli(tmp_path / "refs", "-v", "run", "--store", str(tmp_path / "store"),
+                    "--interval", "0.5s", "--", *argv)
+    try:
+        wait_for(lambda: last_tick(log) >= 6, 180, "6 guest ticks")
+        run.ctrl_c()
+        assert run.wait() == 0, run.stderr
+    finally:
+        run.kill()
+    with open_store(tmp_path / "store", readonly=True) as s:
+        recs = s.list_checkpoints()
+    assert [[(d["device"], d["format"], d["size"]) for d in r["disks"]] for r in recs] == \
+        [[("virtio0", "qcow2", 4 * MiB), ("second", "raw", 4 * MiB)]] * len(recs)
+    assert all(r["disks_skipped"] == [{"device": "cd", "why": "read-only"}] for r in recs)
+    for r in recs:
+        for device, want in run.disk_refs(r["id"]).items():
+            assert image_digest(tmp_path / "store", r["id"], tmp_path, disk=device) == want, \
+                (r["id"], device)
+    assert len({tuple(run.disk_refs(r["id"]).values()) for r in recs}) >= 3  # it wrote
+    # The first checkpoint read what was allocated (the backing's last MiB, the raw extent,
+    # the ticks so far), not every block of either disk.
+    first = recs[0]["disks"]
+    assert 256 <= first[0]["blocks_dirty"] < 1024 and first[1]["blocks_dirty"] == 16, first
