@@ -233,12 +233,11 @@ def _ckpt(text: str) -> int | str:
 
 @main.command()
 @store_option
-@click.option("--image", type=click.Path(path_type=Path),
-              help="Only write the RAM image to this file (sparse: zero pages stay holes).")
+@click.option("--image", "-o", "--output", "image", type=click.Path(path_type=Path),
+              help="Only write an image to this file: the RAM's (sparse: zero pages stay "
+                   "holes), or with --disk that disk's (raw, or --disk-format qcow2).")
 @click.option("--disk", "disk_device",
-              help="Only write this disk (its device, e.g. virtio0) to the file -o names.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="The file --disk writes (sparse; raw, or --disk-format qcow2).")
+              help="With --image/-o: write this disk (its device, e.g. virtio0), not the RAM.")
 @click.option("--disk-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the restored VM's disks are written, one new image each "
                    "(default: with the RAM image, /dev/shm). They stay once the guest runs.")
@@ -252,22 +251,21 @@ def _ckpt(text: str) -> int | str:
 @engine_options
 @click.argument("ckpt", type=CheckpointId())
 @click.argument("argv", nargs=-1)
-def restore(store_path: Path, image: Path | None, disk_device: str | None, output: Path | None,
+def restore(store_path: Path, image: Path | None, disk_device: str | None,
             disk_dir: Path | None, disk_format: str, workers: int, paused: bool,
             checkpoint: bool, options: EngineOptions, max_checkpoints: int | None,
             ckpt: int | str, argv: tuple[str, ...]) -> None:
     """Bring checkpoint CKPT (an id, or 'latest') back: into a new QEMU given as
     -- qemu-system-x86_64 ARGS... (the same machine options as the checkpointed VM; each of
     its disks is written into a new image and its drive pointed there, the original images
-    are never written), or with --image into a RAM image file, or with --disk DEVICE -o FILE
-    one disk into an image file, bit-exact."""
+    are never written), or with --image (-o) FILE into a RAM image file, or with --disk
+    DEVICE -o FILE one disk into an image file, bit-exact."""
     which = ckpt
-    if (disk_device is None) != (output is None):
-        _fail("--disk DEVICE and -o FILE go together (the RAM image: --image FILE)")
-    if disk_device is not None and output is not None:
-        if image is not None or argv:
-            _fail("--disk writes one disk's image: give it without --image or a command line")
-        _restore_disk(store_path, which, disk_device, output, disk_format)
+    if disk_device is not None:
+        if image is None or argv:
+            _fail("--disk DEVICE writes that disk into the file -o FILE names (and starts no "
+                  "QEMU)")
+        _restore_disk(store_path, which, disk_device, image, disk_format)
         return
     if image is not None:
         try:

@@ -413,7 +413,7 @@ def test_restore_one_disk_and_refuse_other_disks(tmp_path, captured):
     assert r.returncode == 0, r.stderr
     assert image_digest(store, mid["id"], tmp_path, disk="virtio0") == file_digest(out)
     assert out.stat().st_mode & 0o777 == 0o600
-    r = subprocess.run(restore_cmd(store, mid["id"], "--disk", "virtio0", "-o",
+    r = subprocess.run(restore_cmd(store, mid["id"], "--disk", "virtio0", "--image",
                                    str(tmp_path / "d.qcow2"), "--disk-format", "qcow2"),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -422,7 +422,7 @@ def test_restore_one_disk_and_refuse_other_disks(tmp_path, captured):
     for args, words in [
             (["--disk", "vda", "-o", str(out)], f"checkpoint {mid['id']} has no disk vda "
                                                 "(its disks: virtio0)"),
-            (["--disk", "virtio0"], "--disk DEVICE and -o FILE go together"),
+            (["--disk", "virtio0"], "--disk DEVICE writes that disk into the file -o FILE"),
             (["--", *[a.replace(",format=raw", ",format=raw,id=data") for a in argv]],
              "the command line's disks do not match checkpoint"),
             (["--", *argv[:at], *argv[at + 2:]],
