@@ -432,6 +432,16 @@ def test_restore_one_disk_and_refuse_other_disks(tmp_path, captured):
         assert r.returncode == 2 and r.stderr.startswith("vmckpt: ") and \
             r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
     assert list(tmp_path.glob("vmckpt-*")) == []
+    # A QEMU that cannot load the checkpoint (another machine type): the disks written for it
+    # are removed again.
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    q35 = [a.replace("pc,memory-backend", "q35,memory-backend") for a in argv]
+    r = subprocess.run(restore_cmd(store, mid["id"], "--disk-dir", str(disks), "--", *q35),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"QEMU could not load checkpoint {mid['id']}" in r.stderr, \
+        r.stderr
+    assert list(disks.iterdir()) == []
 
 
 def test_export_writes_the_disks_and_points_its_command_line_at_them(tmp_path, captured):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import ExecInterruptedError
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.qemu.argv import for_restore, with_qmp
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
@@ -211,7 +212,8 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
                 assert qmp
                 await qmp.load_device_state(device)
                 loaded = True
-            except (QemuError, AttachError, OSError) as e:
+            # ExecInterruptedError: QEMU exited in the middle of a command (a failed load).
+            except (QemuError, AttachError, OSError, ExecInterruptedError) as e:
                 if proc is None and isinstance(e, (FileNotFoundError, PermissionError)):
                     raise  # no QEMU to run: the caller says "cannot start"
                 await _kill(proc)
