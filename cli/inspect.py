@@ -266,8 +266,8 @@ def show_disks(rec: dict, disks: list[dict]) -> None:
 # -------------------------------------------------------------------------- diff
 
 
-def region_table(found: list[dict], digits: int, size: int) -> None:
-    table([["", "from", "to", "pages", "size"]]
+def region_table(found: list[dict], digits: int, size: int, unit: str = "pages") -> None:
+    table([["", "from", "to", unit, "size"]]
           + [["", f"{r['start']:#0{digits}x}", f"{r['end'] - 1:#0{digits}x}", str(r["pages"]),
               size_text(r["pages"] * size)] for r in found], left=3)
 
@@ -319,7 +319,8 @@ def diff(store_path: Path, list_pages: bool, as_json: bool, a: str, b: str) -> N
         click.echo(f"disk {d['device']}{only}: {d['differing_blocks']} of {d['blocks']} blocks "
                    f"differ ({size_text(d['differing_bytes'])}), in {len(d['regions'])} "
                    f"region{'s' if len(d['regions']) != 1 else ''}")
-        region_table(d["regions"], len(f"{d['blocks'] * size - 1:x}") + 2, size)
+        if d["regions"]:
+            region_table(d["regions"], len(f"{d['blocks'] * size - 1:x}") + 2, size, "blocks")
     if listed:
         click.echo("")
         table([["", "pfn", "address", str(ra["id"]), str(rb["id"])]]
