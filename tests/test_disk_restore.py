@@ -285,6 +285,13 @@ def test_a_command_line_whose_disks_differ_is_refused_with_the_difference(tmp_pa
         f"the command line 3: virtio0, virtio1, virtio2): the command line's disk virtio2 "
         f"({other}) is not in the checkpoint")
     assert "\n" not in str(e.value)
+    # Neither file, id nor node tell (an anonymous -device, the image moved): in order.
+    anon = {"id": 8, "disks": [disk("/machine/peripheral-anon/device[0]/virtio-backend",
+                                    tmp_path / "moved.raw", 8 * MiB, "raw", "#block9")]}
+    [(_, drive)] = match_drives([*QEMU, "-blockdev", f"driver=raw,node-name=d9,file.driver="
+                                 f"file,file.filename={images['raw']}",
+                                 "-device", "virtio-blk-pci,drive=d9"], anon)
+    assert (drive.node, drive.file) == ("d9", str(images["raw"]))
     # Read-only drives, cdroms and snapshot=on drives are not disks a checkpoint holds.
     with pytest.raises(DiskMismatch, match="the command line 1: virtio0"):
         match_drives([*QEMU, "-drive", raw, "-drive", f"{c},snapshot=on"], rec)
