@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from vmckpt.engine.qemu.testguest import qemu_argv
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.units import parse_duration, parse_size
+from vmckpt.lab.synthguest import command as synth
 
 VMCKPT = str(Path(sys.executable).with_name("vmckpt"))
 GUEST = synth("--size", "16M", "--rate", "2000", "--duration", "20")  # ends by itself
