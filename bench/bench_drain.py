@@ -21,7 +21,7 @@ from rocksdict import Rdict, WriteBatch, WriteOptions
 from vmckpt.engine._native import ffi, lib
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 from vmckpt.storage.rocks import _options
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 
 SECONDS = float(os.environ.get("VMCKPT_BENCH_SECONDS", "60"))
 RUNS = 3  # into one store: fresh, then as each run left it

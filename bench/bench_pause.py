@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 DIRTY = 26214  # 4 KiB pages: 40 % of 256 MiB, 10 % of 1 GiB

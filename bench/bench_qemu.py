@@ -16,7 +16,7 @@ import asyncio
 import os
 
 import pytest
-from vmckpt.engine.experiments import qemu_comparison
+from vmckpt.lab.experiments import qemu_comparison
 
 SIZES = os.environ.get("VMCKPT_BENCH_SIZES", "256M,1G").split(",")
 

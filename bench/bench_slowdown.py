@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 from vmckpt.engine.cycle import EngineOptions
-from vmckpt.engine.experiments import interval_kept
 from vmckpt.engine.session import run_program
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.experiments import interval_kept
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 GUEST = ("--size", "256M", "--fill", "0.5", "--rate", "0", "--partial", "0.3", "--dup", "0.1",

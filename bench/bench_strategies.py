@@ -1,5 +1,5 @@
 """The strategies side by side: pause and guest slowdown vs interval, data per checkpoint of a
-duplicate-heavy guest, and scaling with RAM size (vmckpt.engine.experiments).
+duplicate-heavy guest, and scaling with RAM size (vmckpt.lab.experiments).
 
     .venv/bin/pytest bench/bench_strategies.py --benchmark-only -s
     (or `vmckpt bench interval|dedup|priority|scaling -o DIR` for Markdown tables and plots)
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from vmckpt.engine.experiments import (
+from vmckpt.lab.experiments import (
     dedup_experiment,
     dedup_summary,
     interval_experiment,

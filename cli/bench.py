@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import uvloop
 from vmckpt.cli.main import main
-from vmckpt.engine.experiments import EXPERIMENTS, FULL
+from vmckpt.lab.experiments import EXPERIMENTS, FULL
 
 
 def markdown(rows: list[dict]) -> str:

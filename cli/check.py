@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import click
 from vmckpt.cli.main import _fail, main, store_option
 from vmckpt.cli.text import emit_json, json_option, store_errors
-from vmckpt.engine.units import parse_duration
+from vmckpt.cli.units import Duration
+from vmckpt.engine.units import duration_text
 from vmckpt.storage import Damaged, open_store
 from vmckpt.storage.errors import id_ranges
 from vmckpt.storage.inspect import CheckReport, Problem, check_store, damage_text
@@ -23,15 +25,16 @@ REPAIR = "`vmckpt check --repair` keeps the intact ones"
 @store_option
 @click.option("--read-data", is_flag=True,
               help="Also read every stored page and verify it hashes to its id.")
-@click.option("--max-duration", help="Stop after this long (30s, 5m); the check is then "
-                                     f"incomplete: exit status {EXIT_INCOMPLETE}.")
+@click.option("--max-duration", type=Duration(0, math.inf),
+              help="Stop after this long (30s, 5m); the check is then "
+                   f"incomplete: exit status {EXIT_INCOMPLETE}.")
 @click.option("--repair", is_flag=True,
               help="Salvage a damaged store: keep its intact checkpoints (verified with "
                    "--read-data), drop the damaged ones, rewrite as full maps the maps whose "
                    "chain went through them; the damaged store is kept aside.")
 @click.option("--dry-run", is_flag=True, help="With --repair: only say what it would do.")
 @json_option
-def check(store_path: Path, read_data: bool, max_duration: str | None, repair: bool,
+def check(store_path: Path, read_data: bool, max_duration: float | None, repair: bool,
           dry_run: bool, as_json: bool) -> None:
     """Verify the store: every record and map reads back whole, every map chain resolves,
     every page a checkpoint needs is stored and readable (and with --read-data, is what its id
@@ -47,10 +50,6 @@ def check(store_path: Path, read_data: bool, max_duration: str | None, repair: b
 
         repair_store_cmd(store_path, dry_run=dry_run, as_json=as_json)
         return
-    try:
-        seconds = parse_duration(max_duration) if max_duration is not None else None
-    except ValueError:
-        _fail(f"--max-duration takes a duration (30s, 5m), not {max_duration!r}")
     with store_errors(store_path):
         try:
             store = open_store(store_path, readonly=True)
@@ -59,14 +58,14 @@ def check(store_path: Path, read_data: bool, max_duration: str | None, repair: b
             show_report(report, as_json, read_data, max_duration, opened=False)
             sys.exit(EXIT_PROBLEMS)
         with store:
-            report = check_store(store, read_data=read_data, max_seconds=seconds,
+            report = check_store(store, read_data=read_data, max_seconds=max_duration,
                                  progress=sys.stderr.isatty())
     show_report(report, as_json, read_data, max_duration)
     if not report.sound:
         sys.exit(EXIT_PROBLEMS if report.problems else EXIT_INCOMPLETE)
 
 
-def show_report(report: CheckReport, as_json: bool, read_data: bool, max_duration: str | None,
+def show_report(report: CheckReport, as_json: bool, read_data: bool, max_duration: float | None,
                 *, opened: bool = True) -> None:
     if as_json:
         emit_json({**asdict(report), "sound": report.sound, "opened": opened})
@@ -86,6 +85,7 @@ def show_report(report: CheckReport, as_json: bool, read_data: bool, max_duratio
     done = f"{report.maps_checked} of {report.checkpoints} checkpoints checked{pages}"
     verdict = ("sound" if report.sound else f"{len(report.problems)} problem(s)"
                if report.problems else "incomplete")
-    stopped = "" if report.complete else f", stopped by --max-duration {max_duration}"
+    stopped = ("" if report.complete or max_duration is None
+               else f", stopped by --max-duration {duration_text(max_duration)}")
     advice = f"; {REPAIR}" if report.damaged and report.intact else ""
     click.echo(f"{verdict}: {done} in {report.seconds:.1f} s{stopped}{advice}")

@@ -4,14 +4,16 @@ socket). --json output is documented in docs/json-schema.md."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 from vmckpt.cli.main import _fail, main, store_option
-from vmckpt.cli.text import age, emit_json, json_option, size_text, store_errors
+from vmckpt.cli.text import emit_json, json_option, size_text, store_errors
+from vmckpt.cli.units import Duration
 from vmckpt.engine.control import ControlError, NoEngine, ask_engine, perform
 from vmckpt.storage import StoreLocked, open_store
-from vmckpt.storage.inspect import id_ranges
+from vmckpt.storage.errors import id_ranges
 from vmckpt.storage.rocks import control_socket
 
 dry_run_option = click.option("--dry-run", is_flag=True,
@@ -50,11 +52,12 @@ def by_engine(result: dict) -> str:
 @click.option("--keep-every", type=int,
               help="Keep every checkpoint whose id is a multiple of K (by id, so that the "
                    "same policy run again keeps the same ones).")
-@click.option("--keep-within", help="Keep the checkpoints taken within this age: 30m, 2h, 1d.")
+@click.option("--keep-within", type=Duration(0, math.inf),
+              help="Keep the checkpoints taken within this age: 30m, 2h, 1d.")
 @dry_run_option
 @json_option
 def prune_cmd(store_path: Path, keep_last: int | None, keep_every: int | None,
-              keep_within: str | None, dry_run: bool, as_json: bool) -> None:
+              keep_within: float | None, dry_run: bool, as_json: bool) -> None:
     """Drop the checkpoints no policy keeps (the policies given add up). Kept checkpoints stay
     restorable bit-exact: a map whose chain went through a dropped checkpoint is rewritten as
     a full map. While an engine runs, the checkpoint it continues from is kept too. Pages go
@@ -62,13 +65,10 @@ def prune_cmd(store_path: Path, keep_last: int | None, keep_every: int | None,
     for name, n in (("--keep-last", keep_last), ("--keep-every", keep_every)):
         if n is not None and n < 1:
             _fail(f"{name} takes a number, 1 or more")
-    within = None
-    if keep_within is not None and (within := age(keep_within)) is None:
-        _fail(f"--keep-within takes an age (30m, 2h, 1d), not {keep_within!r}")
-    if keep_last is None and keep_every is None and within is None:
+    if keep_last is None and keep_every is None and keep_within is None:
         _fail("prune needs a policy: --keep-last N, --keep-every K or --keep-within AGE")
     result = maintain(store_path, {"op": "prune", "dry_run": dry_run, "policy": {
-        "keep_last": keep_last, "keep_every": keep_every, "keep_within": within}})
+        "keep_last": keep_last, "keep_every": keep_every, "keep_within": keep_within}})
     if as_json:
         emit_json(result)
         return

@@ -162,7 +162,7 @@ def spread(r: dict) -> str:
 
 
 def ratios_note(rows: list[dict]) -> str:
-    """Which QEMU figures each row's ratios divide by (engine/experiments.py: the same guest's,
+    """Which QEMU figures each row's ratios divide by (bench/lab/experiments.py: the same guest's,
     or for a strategy QEMU did not run beside, the default's guest's)."""
     on = list(dict.fromkeys(r["guest"] for r in rows if r["kind"].startswith("qemu")))
     others = {r["ratios_vs_guest"] for r in rows if r["guest"] not in on}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from engine_with_refs import HookedCli, image_digest
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 
 VMCKPT = [str(Path(sys.executable).with_name("vmckpt"))]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from vmckpt.engine.qemu.testguest import qemu_argv
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.units import parse_duration, parse_size
+from vmckpt.lab.synthguest import command as synth
 
 VMCKPT = str(Path(sys.executable).with_name("vmckpt"))
 GUEST = synth("--size", "16M", "--rate", "2000", "--duration", "20")  # ends by itself
@@ -71,7 +71,10 @@ BAD = [
      "cannot write the RAM image /missing/x: No such file or directory"),
     (["show", "--", "-5"], "a checkpoint is a number or 'latest'"),
     (["show", str(1 << 64)], f"no checkpoint {1 << 64} in"),
-    (["check", "--max-duration", "1x"], "--max-duration takes a duration"),
+    (["check", "--max-duration", "1x"], "'--max-duration': a duration is a number with s, ms"),
+    (["check", "--max-duration", "-1s"], "'--max-duration': a duration is"),
+    (["prune", "--keep-within", "1x"], "'--keep-within': a duration is a number with s, ms"),
+    (["prune", "--keep-within", "9" * 400], "'--keep-within': '999"),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_with_references
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from engine_with_refs import PHASES, file_digest
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 HERE = Path(__file__).parent

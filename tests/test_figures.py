@@ -7,7 +7,7 @@ from asyncio.subprocess import PIPE
 
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from rocksdict import AccessType, Options, Rdict
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
-from vmckpt.engine.synthguest import POPULAR, popular_page
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import POPULAR, popular_page
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import MapDelta, open_store
 from vmckpt.storage.envelope import HEADER
 
@@ -395,7 +395,7 @@ def test_export_a_process_checkpoint(good, tmp_path):
     assert manifest["ram_image"] == str(ram.resolve()) and manifest["ram_size"] == 16 << 20
     assert manifest["device_state"] is None and manifest["qemu"] is None
     assert not (out / "device-state.bin").exists()
-    assert manifest["target"]["argv"][1:3] == ["-m", "vmckpt.engine.synthguest"]
+    assert manifest["target"]["argv"][1:3] == ["-m", "vmckpt.lab.synthguest"]
     r = vmckpt("export", "--store", str(good), "latest", "-o", str(tmp_path / "o2"))
     assert r.returncode == 0 and "ram.img" in r.stdout
     assert_one_line_error(vmckpt("export", "--store", str(good), "1", "-o", str(ram)),

@@ -37,8 +37,8 @@ from test_inspect import (
 )
 from vmckpt.engine.cycle import EngineOptions
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
-from vmckpt.engine.synthguest import command as synth
-from vmckpt.engine.synthguest import seed_page
+from vmckpt.lab.synthguest import command as synth
+from vmckpt.lab.synthguest import seed_page
 from vmckpt.storage import MapDelta, PageStore, open_store, restore_image
 from vmckpt.storage.gc import referenced
 from vmckpt.storage.inspect import device_ids, map_chain

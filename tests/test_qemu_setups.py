@@ -28,8 +28,8 @@ from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.ram import RamMismatch, machine_ram
 from vmckpt.engine.qemu.testguest import qemu_argv
 from vmckpt.engine.session import TrackedProgram, uses_terminal
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 VMCKPT = str(Path(sys.executable).with_name("vmckpt"))

@@ -10,7 +10,7 @@ from asyncio.subprocess import PIPE
 from test_consistency import check_all
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 # More copiers than cores and the smallest pool: copiers keep parking for pool space, and a

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from vmckpt.cli.bench import dumps, results
-from vmckpt.engine.experiments import DEFAULT_STRATEGY, STRATEGIES, interval_kept
+from vmckpt.lab.experiments import DEFAULT_STRATEGY, STRATEGIES, interval_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("render_results",

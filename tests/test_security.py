@@ -29,7 +29,7 @@ from vmckpt.engine.control import ControlError, ControlServer, ask_engine
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.handoff import HandoffListener, preload_path
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 NOBODY, OTHER = 65534, 65533

@@ -22,8 +22,8 @@ from conftest import is_root
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import pid_alive
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 
 pytestmark = [pytest.mark.reliability,

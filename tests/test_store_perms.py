@@ -18,7 +18,7 @@ import pytest
 from conftest import is_root
 from rocksdict import AccessType, Options, Rdict
 from test_inspect import VMCKPT, assert_one_line_error, ok, run_synth, vmckpt
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import NotAStore, open_store
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="switches users: needs root")

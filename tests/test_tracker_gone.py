@@ -8,8 +8,8 @@ from asyncio.subprocess import PIPE
 
 import pytest
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.targets.base import TargetGone
+from vmckpt.lab.synthguest import command as synth
 
 
 def test_hybrid_switch_back_after_the_program_exited_says_target_gone(tmp_path):

@@ -23,7 +23,7 @@ from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.qemu.qmp import QemuError, Qmp
 from vmckpt.engine.qemu.testguest import qemu_argv, ticks
 from vmckpt.engine.session import TrackedProgram, checkpoint_program
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store
 
 # A tracking, and "+pre-arm": its dirty-set work done ahead of each pause (the engine's auto

@@ -1,6 +1,6 @@
 """The synthetic guest: maps shared "guest RAM" and writes to it at a chosen rate and pattern.
 
-Run as `python -m vmckpt.engine.synthguest`. All writes go through ONE MAP_SHARED mapping of a
+Run as `python -m vmckpt.lab.synthguest`. All writes go through ONE MAP_SHARED mapping of a
 memfd (or /dev/shm file), the mapping the preload library hands to the engine.
 """
 
@@ -25,7 +25,7 @@ HUGE = 2 << 20
 
 def command(*args: str) -> list[str]:
     """The command line that runs the synthetic guest with args."""
-    return [sys.executable, "-m", "vmckpt.engine.synthguest", *args]
+    return [sys.executable, "-m", "vmckpt.lab.synthguest", *args]
 
 
 def seed_page(seed: int) -> bytes:
