@@ -381,9 +381,6 @@ def test_restore_runs_the_guest_on_new_disk_images_and_leaves_the_original(
     assert after[:len(on_disk)] == on_disk and len(after) > len(on_disk)
 
 
-@pytest.mark.xfail(strict=True, reason="capture side: restore --checkpoint attaches the engine "
-                   "(DiskCapture.start's trial blockdev-backup) while QEMU waits in -incoming "
-                   "with its block nodes inactive: 'Block node is read-only' (NOTES-diskrestore)")
 def test_restore_checkpoint_captures_the_restored_disk_as_a_branch(tmp_path, captured):
     # restore --checkpoint: the branch's checkpoints hold the restored image (not the user's),
     # taken on from the parent's disk: the guest's ticks go on from the checkpoint's.

@@ -74,6 +74,7 @@ class DiskCapture:
         self._taken: list[_Fleece] = []  # the pause's, until released
         self._full_owed = True  # the next checkpoint reads every block, not just the written
         self._server = False
+        self.started = False
 
     async def start(self) -> None:
         """NBD server, a live bitmap from now and the first scratch nodes; a disk QEMU will
@@ -101,6 +102,7 @@ class DiskCapture:
         except BaseException:
             await self.close()
             raise
+        self.started = True
 
     def base_on_attach(self, incremental: bool) -> None:
         """Whether the first checkpoint reads only the blocks written since start() (its

@@ -211,6 +211,8 @@ async def _restore(store: PageStore, rec: dict, device: bytes, argv: Sequence[st
                     await qmp.set_ignore_shared()
                 assert qmp
                 await qmp.load_device_state(device)
+                if prog:  # its block nodes are active now, the guest not yet running
+                    await prog.target.start_disks()  # type: ignore[attr-defined]
                 loaded = True
             # ExecInterruptedError: QEMU exited in the middle of a command (a failed load).
             except (QemuError, AttachError, OSError, ExecInterruptedError) as e:

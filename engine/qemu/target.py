@@ -82,11 +82,12 @@ class QemuTarget:
             target.skipped_disks = [asdict(s) for s in skipped]
             if disks and found:
                 target.disks = place_disks(ram_length, [d.as_record() for d in found])
-                capture = DiskCapture(qmp, found, [d["first"] for d in target.disks])
-                await capture.start()
-                target._capture = capture
+                target._capture = DiskCapture(qmp, found, [d["first"] for d in target.disks])
                 target.device_state_via = DEVICES_ONLY
-                target._mark(b"F")  # the keeper takes our fleecing away if we die
+                # A QEMU waiting for an incoming state (a restore) has its block nodes
+                # inactive until the state is in: there the restore starts the capture.
+                if (await qmp.cmd("query-status"))["status"] != "inmigrate":
+                    await target.start_disks()
         except BaseException:
             await target.close()
             raise
@@ -97,6 +98,13 @@ class QemuTarget:
                         "this disk as it is then, not as it was at the checkpoint",
                         d.device, d.file)
         return target
+
+    async def start_disks(self) -> None:
+        """The disks' tracking from now on (before the guest runs, for a restored branch: its
+        first checkpoint then takes only what was written since)."""
+        if self._capture and not self._capture.started:
+            await self._capture.start()
+            self._mark(b"F")  # the keeper takes our fleecing away if we die
 
     def _mark(self, state: bytes) -> None:
         assert self._keeper.stdin
