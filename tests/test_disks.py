@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from engine_with_refs import HookedCli, file_digest, image_digest
+from engine_with_refs import HookedCli, image_digest
 from test_qemu import VMCKPT, last_tick, wait_for
 from vmckpt.engine.qemu.disks import Disk, Skipped, find_disks
 from vmckpt.engine.qemu.qmp import Qmp
@@ -91,11 +91,10 @@ def run_with_disk(tmp_path: Path, ticks: int, *args: str, work: str = "idle",
     return run, argv
 
 
-def test_checkpoints_capture_the_disk_at_their_pause_and_restore_with_it(tmp_path):
+def test_checkpoints_capture_the_disk_at_their_pause(tmp_path):
     # Target 1: every checkpoint's disk is bit-exact to the raw file at its pause (the guest
-    # stopped), disk changes are in the checkpoints that follow them, and a middle checkpoint
-    # restored with its disk gives a guest that finds no write from after its instant.
-    run, argv = run_with_disk(tmp_path, 12)
+    # stopped), and disk changes are in the checkpoints that follow them.
+    run, _ = run_with_disk(tmp_path, 12)
     store = tmp_path / "store"
     with open_store(store, readonly=True) as s:
         recs = s.list_checkpoints()
@@ -108,30 +107,13 @@ def test_checkpoints_capture_the_disk_at_their_pause_and_restore_with_it(tmp_pat
         seen.append(got)
     assert len(set(seen)) >= 4, "the guest's disk writes were not captured as they came"
     assert sum(r["disks"][0]["blocks_new"] for r in recs) >= 8
-    # A middle checkpoint whose disk holds some ticks: restored into a new image.
-    mid = next(r for r in recs[len(recs) // 2:] if r["disks"][0]["blocks_dirty"])
+    # Each checkpoint's disk holds exactly the ticks written before its pause, in order (its
+    # restore with a QEMU: tests/test_disk_restore.py).
     with open_store(store, readonly=True) as s:
-        restore_image(s, mid["id"], tmp_path / "r.raw", progress=False, disk="virtio0")
-    on_disk = disk_ticks((tmp_path / "r.raw").read_bytes())
-    assert on_disk == list(range(1, len(on_disk) + 1)) and on_disk
-    original = file_digest(tmp_path / "d.raw")
-    log, pidfile = tmp_path / "restored.log", tmp_path / "restored.pid"
-    restored = [*[a.replace(str(tmp_path / "d.raw"), str(tmp_path / "r.raw")) for a in argv],
-                "-pidfile", str(pidfile)]
-    restored[restored.index(next(a for a in restored if a.startswith("file:")))] = \
-        f"file:{log}"
-    proc = subprocess.Popen([VMCKPT, "restore", "--store", str(store), str(mid["id"]), "--",
-                             *restored], stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: last_tick(log) >= on_disk[-1] + 4, 120, "the restored guest")
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=60)
-    lines = [ln for ln in log.read_bytes().split(b"\n")[:-1] if b"VMCKPT-TICK" in ln]
-    assert lines and all(b"disk=ok" in ln for ln in lines), lines
-    # The guest's first tick after the restore is the one after the disk's last.
-    assert int(lines[0].split()[1]) == on_disk[-1] + 1, (lines[0], on_disk[-1])
-    assert file_digest(tmp_path / "d.raw") == original  # the restore left the image alone
+        for r in recs:
+            restore_image(s, r["id"], tmp_path / "r.raw", progress=False, disk="virtio0")
+            on_disk = disk_ticks((tmp_path / "r.raw").read_bytes())
+            assert on_disk == list(range(1, len(on_disk) + 1)), r["id"]
 
 
 def test_no_disks_records_them_and_every_restore_warns(tmp_path):
