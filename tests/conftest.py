@@ -63,3 +63,13 @@ def hugepages():
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-master Redis Cluster on loopback for the whole session."""
+    from redis_cluster import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("redis")).start()
+    yield cluster
+    cluster.stop()

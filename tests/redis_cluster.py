@@ -1,0 +1,112 @@
+"""A real Redis Cluster for tests: three masters (and optionally a replica each) of Debian's
+redis-server on free loopback ports, each in its own temporary directory, stopped at the end."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import redis
+
+READY_TIMEOUT = 30.0
+
+
+def free_ports(n: int) -> list[int]:
+    """n free loopback ports whose +10000 bus ports are free too (redis' cluster bus)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+class Cluster:
+    """Started by start(); url(name) is the store URL; stop() ends every server."""
+
+    def __init__(self, root: Path, masters: int = 3, replicas: int = 0,
+                 host: str = "127.0.0.1", netns: str | None = None) -> None:
+        self.root, self.masters, self.replicas = root, masters, replicas
+        self.host, self.netns = host, netns
+        self.ports = free_ports(masters * (1 + replicas))
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def _cmd(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def start_node(self, port: int) -> None:
+        d = self.root / str(port)
+        d.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(self._cmd([
+            shutil.which("redis-server") or "redis-server", "--port", str(port),
+            "--bind", self.host, "--cluster-enabled", "yes", "--cluster-config-file",
+            "nodes.conf", "--cluster-node-timeout", "2000", "--appendonly", "no",
+            "--save", "", "--dir", str(d), "--daemonize", "no", "--protected-mode", "no",
+            "--logfile", str(d / "log")]), stdout=subprocess.DEVNULL)
+
+    def start(self) -> Cluster:
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            for port in self.ports:
+                self._wait(lambda p=port: self.node(p).ping())
+            subprocess.run(self._cmd([
+                "redis-cli", "--cluster", "create",
+                *(f"{self.host}:{p}" for p in self.ports),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes"]),
+                check=True, capture_output=True, timeout=60)
+            self._wait(self.ok)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(self.host, port, socket_timeout=5)
+
+    def ok(self) -> bool:
+        return all(self.node(p).execute_command("CLUSTER INFO")["cluster_state"] == "ok"
+                   for p in self.ports if p in self.procs)
+
+    @staticmethod
+    def _wait(cond) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            with suppress(redis.RedisError, OSError):
+                if cond():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError("the test's redis cluster did not come up")
+            time.sleep(0.1)
+
+    def url(self, name: str, **query: object) -> str:
+        hosts = ",".join(f"{self.host}:{p}" for p in self.ports[:self.masters])
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"redis://{hosts}/{name}" + (f"?{q}" if q else "")
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def flush(self) -> None:
+        """Empties every master (a fresh store for the next test)."""
+        for p in self.ports:
+            with suppress(redis.ResponseError):
+                self.node(p).flushall()
+
+    def stop(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
