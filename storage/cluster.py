@@ -91,7 +91,7 @@ def connect(nodes: list[tuple[str, int]], url: str) -> RedisCluster:
     try:
         rc = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes],
                           require_full_coverage=False, socket_timeout=10,
-                          socket_connect_timeout=3, cluster_error_retry_attempts=2)
+                          socket_connect_timeout=3)
     except RedisClusterException as e:
         text = str(e)
         if "not enabled" in text.lower() or "cluster mode" in text.lower():
@@ -107,6 +107,17 @@ def connect(nodes: list[tuple[str, int]], url: str) -> RedisCluster:
         raise StoreError(f"store {url}: the cluster at {hosts} serves {covered} of {SLOTS} "
                          f"hash slots ({SLOTS - covered} have no master); vmckpt needs "
                          "cluster_state:ok")
+    for node in rc.get_primaries():
+        try:
+            state = rc.get_redis_connection(node).execute_command("CLUSTER INFO")
+        except RedisError as e:
+            rc.close()
+            raise StoreError(f"store {url}: master {node.name} does not answer ({e})") from None
+        if state.get("cluster_state") != "ok":
+            rc.close()
+            raise StoreError(f"store {url}: master {node.name} says cluster_state:"
+                             f"{state.get('cluster_state')} ({state.get('cluster_slots_ok')} "
+                             f"of {SLOTS} hash slots served); vmckpt needs cluster_state:ok")
     return rc
 
 
@@ -419,16 +430,21 @@ class ClusterStore(PageStore):
             for conn, keys in self._page_scan():
                 stored += len(keys)
                 garbage = [k for k in keys if k[len(PAGE):] not in live]
-                freed += len(garbage)
+                if garbage:  # put since the mark began: pending now
+                    pending = self._pending()
+                    garbage = [k for k in garbage if k[len(PAGE):] not in pending]
                 if garbage and not dry_run:
-                    self._delete(conn, garbage)
+                    freed += self._delete(conn, garbage)
+                else:
+                    freed += len(garbage)
         finally:
             with suppress(StoreFull):
                 self._call(self.rc.eval, RELEASE, 1, GC_LOCK, token)
         return Sweep(stored, freed)
 
-    def _delete(self, conn: redis.Redis, keys: list[bytes]) -> None:
-        """Deletes keys; gives back any that a writer put (found present) meanwhile."""
+    def _delete(self, conn: redis.Redis, keys: list[bytes]) -> int:
+        """Deletes keys; gives back any that a writer put (found present) meanwhile. Returns
+        how many stay deleted."""
         pipe = conn.pipeline(transaction=False)
         for k in keys:
             pipe.getdel(k)
@@ -441,6 +457,7 @@ class ClusterStore(PageStore):
             for k, v in back:
                 pipe.set(k, v, nx=True)
             self._call(pipe.execute)
+        return sum(v is not None for v in values) - len(back)
 
     def _pending(self) -> set[bytes]:
         writers = self._call(self.rc.smembers, WRITERS)

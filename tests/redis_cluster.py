@@ -110,3 +110,48 @@ class Cluster:
     def stop(self) -> None:
         for port in list(self.procs):
             self.kill(port)
+
+
+def cluster_client(url: str) -> redis.RedisCluster:
+    from vmckpt.storage.cluster import parse_url
+
+    nodes, _, _ = parse_url(url)
+    return redis.RedisCluster(startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes])
+
+
+def contents(url: str) -> str:
+    """A digest of every key and value on the cluster but the writers' bookkeeping (pending
+    sets, WAIT keys), read behind vmckpt's back."""
+    import hashlib
+
+    rc = cluster_client(url)
+    h = hashlib.sha256()
+    try:
+        items = []
+        for node in rc.get_primaries():
+            conn = rc.get_redis_connection(node)
+            for key in conn.scan_iter(count=1000):
+                if key.startswith((b"vmckpt:{pending}", b"vmckpt:wait:")) or \
+                        key.endswith(b"}:held"):
+                    continue
+                kind = conn.type(key)
+                value = conn.get(key) if kind == b"string" else sorted(
+                    conn.hgetall(key).items() if kind == b"hash" else conn.smembers(key))
+                items.append((key, repr(value).encode()))
+        for key, value in sorted(items):
+            h.update(len(key).to_bytes(4, "big") + key + len(value).to_bytes(4, "big") + value)
+    finally:
+        rc.close()
+    return h.hexdigest()
+
+
+def lone_server(root: Path, *, cluster: bool) -> tuple[subprocess.Popen, int]:
+    """One redis-server on a free loopback port: plain, or cluster-enabled with no slot."""
+    port = free_ports(1)[0]
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--dir", str(root), "--logfile", str(root / "log"),
+                             *(["--cluster-enabled", "yes"] if cluster else [])],
+                            stdout=subprocess.DEVNULL)
+    Cluster._wait(lambda: redis.Redis("127.0.0.1", port).ping())
+    return proc, port
