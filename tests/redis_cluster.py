@@ -92,9 +92,19 @@ class Cluster:
             time.sleep(0.1)
 
     def url(self, name: str, **query: object) -> str:
-        hosts = ",".join(f"{self.host}:{p}" for p in self.ports[:self.masters])
+        hosts = ",".join(f"{self.host}:{p}" for p in self.ports)
         q = "&".join(f"{k}={v}" for k, v in query.items())
         return f"redis://{hosts}/{name}" + (f"?{q}" if q else "")
+
+    def master_ports(self) -> list[int]:
+        """The ports of the nodes that are masters now (failovers change them)."""
+        for p in self.procs:
+            with suppress(redis.RedisError, OSError):
+                nodes = self.node(p).execute_command("CLUSTER NODES")
+                return sorted(int(addr.split("@")[0].rsplit(":", 1)[1])
+                              for addr, info in nodes.items()
+                              if "master" in info["flags"] and "fail" not in info["flags"])
+        raise RuntimeError("no node of the test's cluster answers")
 
     def kill(self, port: int) -> None:
         proc = self.procs.pop(port)
