@@ -61,7 +61,7 @@ class Cluster:
             for port in self.ports:
                 self.start_node(port)
             for port in self.ports:
-                self._wait(lambda p=port: self.node(p).ping())
+                self._wait(lambda p=port: self.cli(p, "ping") == "PONG")
             subprocess.run(self._cmd([
                 "redis-cli", "--cluster", "create",
                 *(f"{self.host}:{p}" for p in self.ports),
@@ -76,8 +76,14 @@ class Cluster:
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(self.host, port, socket_timeout=5)
 
+    def cli(self, port: int, *args: str) -> str:
+        """redis-cli against one node, from the cluster's namespace."""
+        return subprocess.run(self._cmd(["redis-cli", "-h", self.host, "-p", str(port),
+                                         *args]), capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
     def ok(self) -> bool:
-        return all(self.node(p).execute_command("CLUSTER INFO")["cluster_state"] == "ok"
+        return all("cluster_state:ok" in self.cli(p, "cluster", "info")
                    for p in self.ports if p in self.procs)
 
     @staticmethod
