@@ -167,7 +167,7 @@ class ClusterStore(PageStore):
         try:
             return fn(*args, **kw)
         except (RedisError, RedisClusterException, OSError) as e:
-            raise StoreFull(f"store {self.path} cannot take more: the cluster failed "
+            raise StoreFull(f"store {self.path} cannot be written: the cluster failed "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                             ) from None
 

@@ -37,8 +37,8 @@ class Cluster:
     """Started by start(); url(name) is the store URL; stop() ends every server."""
 
     def __init__(self, root: Path, masters: int = 3, replicas: int = 0,
-                 host: str = "127.0.0.1", netns: str | None = None) -> None:
-        self.root, self.masters, self.replicas = root, masters, replicas
+                 host: str = "127.0.0.1", netns: str | None = None, aof: bool = False) -> None:
+        self.root, self.masters, self.replicas, self.aof = root, masters, replicas, aof
         self.host, self.netns = host, netns
         self.ports = free_ports(masters * (1 + replicas))
         self.procs: dict[int, subprocess.Popen] = {}
@@ -52,7 +52,8 @@ class Cluster:
         self.procs[port] = subprocess.Popen(self._cmd([
             shutil.which("redis-server") or "redis-server", "--port", str(port),
             "--bind", self.host, "--cluster-enabled", "yes", "--cluster-config-file",
-            "nodes.conf", "--cluster-node-timeout", "2000", "--appendonly", "no",
+            "nodes.conf", "--cluster-node-timeout", "2000", "--appendonly",
+            "yes" if self.aof else "no",
             "--save", "", "--dir", str(d), "--daemonize", "no", "--protected-mode", "no",
             "--logfile", str(d / "log")]), stdout=subprocess.DEVNULL)
 
@@ -111,6 +112,11 @@ class Cluster:
                               for addr, info in nodes.items()
                               if "master" in info["flags"] and "fail" not in info["flags"])
         raise RuntimeError("no node of the test's cluster answers")
+
+    def restart(self, port: int) -> None:
+        """A killed node back from its directory (its data too, with aof)."""
+        self.start_node(port)
+        self._wait(self.ok)
 
     def kill(self, port: int) -> None:
         proc = self.procs.pop(port)
