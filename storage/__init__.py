@@ -21,8 +21,13 @@ from vmckpt.storage.restore import RestoreStats, restore_image
 
 def open_store(path: str | Path, *, create: bool = False, readonly: bool = False,
                full_every: int = 16) -> PageStore:
-    """Opens the embedded RocksDB store at path (creating it if asked and absent)."""
+    """Opens the store path names (creating it if asked and absent): a Redis Cluster for a
+    URL redis://HOST:PORT[,HOST:PORT...]/NAME[?replicas=N], else the RocksDB directory."""
+    from vmckpt.storage.cluster import ClusterStore, is_cluster_url
     from vmckpt.storage.rocks import RocksStore
+
+    if is_cluster_url(path):
+        return ClusterStore(str(path), create=create, readonly=readonly, full_every=full_every)
 
     return RocksStore(path, create=create, readonly=readonly, full_every=full_every)
 

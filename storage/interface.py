@@ -119,6 +119,10 @@ class PageStore(ABC):
         new or deduplicated, by a checkpoint not yet committed when the sweep began or while
         it ran. dry_run: only counts."""
 
+    def held_checkpoints(self) -> set[int]:
+        """Checkpoints that writers in other processes continue from: prune keeps them."""
+        return set()
+
     def recover(self) -> bool:
         """After a StoreFull: whether the store takes writes again (a backend may reopen
         itself here). The engine asks before it tries another checkpoint."""

@@ -59,7 +59,7 @@ def prune(store: PageStore, policy: Policy, *, dry_run: bool = False,
     now = time.time() if now is None else now
     with store.editing():
         records = store.list_checkpoints()
-        keep = kept_ids(records, policy, now)
+        keep = kept_ids(records, policy, now) | store.held_checkpoints()
         result = PruneResult(dry_run, len(records))
         updates = plan(records, keep, result)
         if not dry_run and result.dropped:

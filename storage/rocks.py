@@ -41,7 +41,7 @@ from vmckpt.storage.errors import (
 from vmckpt.storage.interface import PageStore, PutResult, Sweep
 from vmckpt.storage.pagemap import ID_BYTES, ZERO_ID, MapDelta, PageMap
 from vmckpt.storage.private import private_dir, private_files
-from vmckpt.storage.regions import map_pages
+from vmckpt.storage.records import decode_record, next_map, read_map
 
 # v2: records and maps sealed with their length and CRC-32 (storage/envelope.py). v1 stores
 # are read and written as they are, and say in `vmckpt check` that they carry no checksum.
@@ -517,15 +517,8 @@ class RocksStore(PageStore):
                           ckpt)
 
     def _record(self, ckpt: int, blob: bytes) -> dict:
-        payload = self._unseal(blob, f"the record of checkpoint {ckpt}", ckpt)
-        try:
-            rec = msgpack.unpackb(payload)
-            if not isinstance(rec, dict) or rec.get("id") != ckpt:
-                raise ValueError("it names another checkpoint")
-        except ValueError as e:
-            raise Damaged(self.path, f"the record of checkpoint {ckpt} cannot be decoded ({e})",
-                          (ckpt,)) from None
-        return rec
+        return decode_record(self, ckpt, self._unseal(blob, f"the record of checkpoint {ckpt}",
+                                                      ckpt))
 
     def get_record(self, ckpt: int | str) -> dict:
         ckpt = self._resolve(ckpt)
@@ -575,50 +568,15 @@ class RocksStore(PageStore):
         return records
 
     def read_map(self, ckpt: int | str) -> PageMap:
-        rec = top = self.get_record(ckpt)
-        chain: list[MapDelta] = []
-        try:
-            while True:
-                try:
-                    kind, delta = MapDelta.decode(self.map_blob(rec["id"], must=True))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise Damaged(self.path, f"the map of checkpoint {rec['id']} cannot be "
-                                  f"decoded ({e})", (rec["id"],)) from None
-                chain.append(delta)
-                if kind == "full":
-                    break
-                rec = self.get_record(rec["parent"])
-        except Damaged as e:
-            if not chain:  # its own map
-                raise
-            # Further down the chain: say which checkpoint this restore needed it for.
-            where = e.checkpoints[0] if e.checkpoints else rec["id"]
-            raise Damaged(self.path, f"checkpoint {top['id']} cannot be restored: its map "
-                          f"chain goes through checkpoint {where}, and {e.what}",
-                          (top["id"], *e.checkpoints)) from None
-        pmap = PageMap.empty(map_pages(rec))
-        for delta in reversed(chain):
-            pmap.apply(delta)
-        return pmap
+        return read_map(self, ckpt)
 
     def commit_checkpoint(self, record: dict, delta: MapDelta) -> int:
         with self._commits:  # a prune may not change the parent's chain under us
-            parent = record.get("parent")
-            depth = 0
-            if parent is not None:
-                depth = self.get_record(parent)["map"]["depth"] + 1
-            if parent is None or depth >= self.full_every:
-                full = self.read_map(parent) if parent is not None else \
-                    PageMap.empty(map_pages(record))
-                full.apply(delta)
-                kind, depth, blob = "full", 0, full.sparse().encode("full")
-            else:
-                kind, blob = "delta", delta.encode("delta")
+            entry, blob = next_map(self, record, delta)
             with self._lock, self._writing():
                 self.cf["pages"].flush()  # the pages this record names are on disk before it
                 ckpt = self._high + 1
-                record = {**record, "id": ckpt,
-                          "map": {"kind": kind, "depth": depth, "bytes": len(blob)}}
+                record = {**record, "id": ckpt, "map": entry}
                 batch = WriteBatch(raw_mode=True)
                 batch.put(_key(ckpt), self._seal(blob), self.cfh["maps"])
                 batch.put(_key(ckpt), self._seal(msgpack.packb(record)), self.cfh["records"])

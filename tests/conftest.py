@@ -63,3 +63,24 @@ def hugepages():
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-master Redis Cluster on loopback for the whole session."""
+    from redis_cluster import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("redis")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["rocks", "cluster"])
+def store_path(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """A store not yet made, on each backend: a RocksDB directory, and a NAME on the session's
+    Redis Cluster (emptied first: pages are shared between NAMEs)."""
+    if request.param == "rocks":
+        return tmp_path / "store"
+    cluster = request.getfixturevalue("redis_cluster")
+    cluster.flush()
+    return cluster.url("test")

@@ -29,10 +29,10 @@ RACING = ("--size", "32M", "--fill", "0.3", "--rate", "0", "--pattern", "uniform
 
 
 @pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
-def test_consistency_random_writes_racing_the_copiers(tmp_path, tracking):
+def test_consistency_random_writes_racing_the_copiers(store_path, tmp_path, tracking):
     # Fast, mixed writes (partial, duplicate, zero, fresh pages in never-touched holes) while
     # one copier with a small buffer drains. No pre-arm (hybrid has none).
-    store = tmp_path / "store"
+    store = store_path
     refs = run_with_references(
         store, synth(*RACING), checkpoints=50, options=EngineOptions(
             interval=0.02, copiers=1, buffer_bytes=1 << 20, tracking=tracking, pre_arm=0.0))

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from conftest import run_with_references
 from engine_with_refs import hooks
+from redis_cluster import contents as cluster_contents
 from test_inspect import (
     VMCKPT,
     as_json,
@@ -40,6 +41,7 @@ from vmckpt.engine.session import TrackedProgram, checkpoint_program
 from vmckpt.lab.synthguest import command as synth
 from vmckpt.lab.synthguest import seed_page
 from vmckpt.storage import MapDelta, PageStore, open_store, restore_image
+from vmckpt.storage.cluster import is_cluster_url
 from vmckpt.storage.gc import referenced
 from vmckpt.storage.inspect import device_ids, map_chain
 
@@ -47,8 +49,11 @@ CHECKPOINTS = 220
 KEEP_LAST, KEEP_EVERY = 20, 10
 
 
-def stored_ids(store: Path) -> set[bytes]:
-    """The page ids in the store, read behind vmckpt's back."""
+def stored_ids(store: Path | str) -> set[bytes]:
+    """The page ids in the store, read behind vmckpt's back (on a cluster: its scan)."""
+    if is_cluster_url(store):
+        with open_store(store, readonly=True) as s:
+            return {pid for pid, _ in s.iter_pages()}
     db = raw_db(store, readonly=True)
     pages = db.get_column_family("pages")
     try:
@@ -57,8 +62,10 @@ def stored_ids(store: Path) -> set[bytes]:
         close(db, pages)
 
 
-def contents(store: Path) -> str:
+def contents(store: Path | str) -> str:
     """A digest of every key and value of every part of the store."""
+    if is_cluster_url(store):
+        return cluster_contents(store)
     db = raw_db(store, readonly=True)
     cfs = [db, *(db.get_column_family(c) for c in ("pages", "records", "maps"))]
     h = hashlib.sha256()
@@ -108,8 +115,8 @@ def restored_digest(store: Path, ckpt: int, tmp_path: Path) -> bytes:
     return hashlib.sha256(path.read_bytes()).digest()
 
 
-def test_prune_then_gc_frees_exactly_the_unreferenced_pages(tmp_path):
-    store = tmp_path / "store"
+def test_prune_then_gc_frees_exactly_the_unreferenced_pages(store_path, tmp_path):
+    store = store_path
     refs = run_with_references(store, synth("--size", "8M", "--rate", "5000", "--dup", "0.3",
                                             "--popular", "512", "--zero", "0.1"),
                                CHECKPOINTS, EngineOptions(interval=0.02), reference=digest)
@@ -175,10 +182,10 @@ def test_prune_then_gc_frees_exactly_the_unreferenced_pages(tmp_path):
         assert restored_digest(store, ckpt, tmp_path) == refs[ckpt - 1], ckpt
 
 
-def test_a_page_put_while_gc_runs_is_kept(tmp_path):
+def test_a_page_put_while_gc_runs_is_kept(store_path):
     """The dangerous race, made deterministic: while gc marks, the engine puts a page gc would
     otherwise free (a dedup hit: nothing is written) and commits a checkpoint naming it."""
-    store = tmp_path / "store"
+    store = store_path
     run_synth(store)
     ok("prune", "--store", str(store), "--keep-last", "1")
     garbage = sorted(stored_ids(store) - needed(store))

@@ -42,7 +42,13 @@ def wait_for(cond, timeout: float, what: str) -> None:
 
 @pytest.mark.parametrize("tracking", ["wp", "async", "hybrid"])
 def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path, tracking):
-    store, log = tmp_path / "store", tmp_path / "serial.log"
+    checkpoints_restore_and_continue(tmp_path / "store", tmp_path, tracking)
+
+
+def checkpoints_restore_and_continue(store: Path | str, tmp_path: Path, tracking: str) -> None:
+    """The guest checkpointed into store; every checkpoint's RAM restores bit-exact, and the
+    first, a middle and the last restored into new QEMUs count on from their pause."""
+    log = tmp_path / "serial.log"
     digests: list[bytes] = []
     tick_at: list[int] = []
     said: list[bytes] = []  # the guest's serial output up to each pause
@@ -94,7 +100,7 @@ def test_checkpoints_restore_bit_exact_and_the_counter_continues(tmp_path, track
             counted == list(range(counted[0], counted[-1] + 1)), (ckpt, counted)
 
 
-def restore_and_watch(store: Path, ckpt: int, tmp_path: Path) -> tuple[bytes, bytes]:
+def restore_and_watch(store: Path | str, ckpt: int, tmp_path: Path) -> tuple[bytes, bytes]:
     """Restores ckpt into a new QEMU; returns the digest of its RAM when the device state was
     in (just before cont) and the restored guest's serial output until its first tick."""
     log, pidfile = tmp_path / f"restored{ckpt}.log", tmp_path / f"restored{ckpt}.pid"
