@@ -19,8 +19,8 @@ from pathlib import Path
 import redis
 from vmckpt.engine.cycle import Engine, EngineOptions
 from vmckpt.engine.session import TrackedProgram
-from vmckpt.engine.synthguest import command as synth
 from vmckpt.engine.units import parse_size
+from vmckpt.lab.synthguest import command as synth
 from vmckpt.storage import open_store, restore_image
 from vmckpt.storage.transfer import copy_checkpoints
 

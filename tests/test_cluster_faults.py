@@ -9,7 +9,7 @@ import time
 
 from redis_cluster import Cluster
 from test_inspect import VMCKPT, as_json, vmckpt
-from vmckpt.engine.synthguest import command as synth
+from vmckpt.lab.synthguest import command as synth
 
 
 def committed(url: str) -> list[dict]:
