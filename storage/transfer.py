@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from vmckpt.storage.errors import StoreError, UnknownCheckpoint
-from vmckpt.storage.inspect import changes, device_ids
+from vmckpt.storage.inspect import device_ids, differing_ids
 from vmckpt.storage.interface import PageStore
 from vmckpt.storage.pagemap import ID_BYTES, MapDelta
 
@@ -77,12 +77,15 @@ def copy_checkpoints(src: PageStore, dst: PageStore, which: Sequence[int] | None
             result.already.append(ckpt)
             result.ids[ckpt] = got
             continue
-        pmap, frames = changes(src, rec)
+        pmap = src.read_map(rec["id"])
         parent = rec.get("parent")
         dst_parent = result.ids.get(parent) if parent is not None else None
         if dst_parent is None and parent is not None:
             dst_parent = there.get(origin(src, by_id[parent])) if parent in by_id else None
-        if dst_parent is not None and dst.read_map(dst_parent).npages == pmap.npages:
+        held = dst.read_map(dst_parent) if dst_parent is not None else None
+        if held is not None and held.npages == pmap.npages:
+            # Against the parent as dst holds it: every frame, RAM's and the disks'.
+            frames = differing_ids(held.ids, pmap.ids)
             delta = MapDelta(frames.astype(np.uint64), pmap.ids[frames])
         else:  # its parent is not there: the whole map, a root in dst
             dst_parent, delta = None, pmap.sparse()

@@ -8,7 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from engine_with_refs import image_digest
 from test_cluster_store import commit_pages
+from test_disks import run_with_disk
 from test_inspect import VMCKPT, ok, run_synth, vmckpt
 from test_prune_gc import needed
 from vmckpt.storage import get_blob, open_store
@@ -107,3 +109,18 @@ def test_an_interrupted_push_resumes_where_it_stopped(stores):
         done = copy_checkpoints(s, d, batch=100)
     assert (done.pages_sent, done.pages_there, done.checkpoints) == (700, 300, [first])
     same_checkpoints(stores["local"], stores["cluster"], done.ids)
+
+
+def test_push_carries_each_checkpoints_disks(tmp_path):
+    # A checkpoint's disk blocks are frames of its map like RAM's: a push's deltas against the
+    # parent carry them, and each disk restores from the copy as it was at the pause.
+    run, _ = run_with_disk(tmp_path, 6)
+    src, dst = tmp_path / "store", tmp_path / "copy"
+    ok("push", str(src), str(dst))
+    with open_store(src, readonly=True) as s:
+        ids = [r["id"] for r in s.list_checkpoints()]
+    with open_store(dst, readonly=True) as d:
+        assert [r["id"] for r in d.list_checkpoints()] == ids
+    for ckpt in ids:
+        assert image_digest(dst, ckpt, tmp_path, disk="virtio0") == \
+            run.disk_refs(ckpt)["virtio0"], ckpt
