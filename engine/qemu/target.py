@@ -63,6 +63,7 @@ class QemuTarget:
         self.disks: list[dict] = []
         self.skipped_disks: list[dict] = []
         self._capture: DiskCapture | None = None
+        self._fleecing: asyncio.Future | None = None  # the pause's transaction, answering
         self.device_state_via = "migrate"
         self._keeper = subprocess.Popen(
             [sys.executable, "-m", "vmckpt.engine.qemu.keeper", str(qmp_path), str(pid)],
@@ -133,15 +134,18 @@ class QemuTarget:
         sent = [self.qmp.cmd("query-status"), self.qmp.cmd("stop")]
         if actions:  # the disks' view of this instant, in the same round trip
             sent.append(self.qmp.cmd("transaction", actions=actions))
+        # Sent together: QMP answers a monitor's commands in order, so the status is the one
+        # just before our stop, at no extra round trip inside the pause. (qemu.qmp queues each
+        # command when its task first runs, and tasks run in creation order.) The transaction's
+        # answer is awaited only with the device state's (extra_state): QEMU runs it while the
+        # cycle arms the tracker, on the other core.
+        tasks = [asyncio.ensure_future(c) for c in sent]
+        self._fleecing = tasks[2] if actions else None
         with self._failures("QMP stop"):
-            # Sent together: QMP answers a monitor's commands in order, so the status is the
-            # one just before our stop, at no extra round trip inside the pause. (qemu.qmp
-            # queues each command when its task first runs, and tasks run in creation order.)
-            # A refused transaction is raised once the guest is known stopped, so that the
-            # cycle's resume continues it.
-            status, stopped, *fleeced = await asyncio.gather(*sent, return_exceptions=True)
+            status, stopped = await asyncio.gather(*tasks[:2], return_exceptions=True)
             for answer in (status, stopped):
                 if isinstance(answer, BaseException):
+                    await self._fleeced(quiet=True)
                     raise answer
         assert isinstance(status, dict)
         was = self._status
@@ -152,14 +156,26 @@ class QemuTarget:
             if was in ("", "running"):
                 log.info("QEMU is not running (%s): checkpointed as it is and left stopped",
                          self._status)
-        if fleeced and isinstance(fleeced[0], BaseException):
-            await self.resume()
-            raise DiskCaptureError(f"QEMU refused the disks' point-in-time view: {fleeced[0]}")
+
+    async def _fleeced(self, *, quiet: bool = False) -> None:
+        """The pause's transaction answered; a refusal fails the checkpoint (the cycle's
+        resume continues the guest)."""
+        task, self._fleecing = self._fleecing, None
+        if task is None:
+            return
+        try:
+            await task
+        except Exception as e:
+            if not quiet:
+                raise DiskCaptureError(f"QEMU refused the disks' point-in-time view: {e}") \
+                    from None
 
     async def extra_state(self) -> bytes:
         with self._failures("saving device state"):
             if self._capture:  # see Qmp.save_devices_only: no migrate while disks are fleeced
-                return await self.qmp.save_devices_only(self._capture.state_file)
+                data = await self.qmp.save_devices_only(self._capture.state_file)
+                await self._fleeced()
+                return data
             if self._status == "postmigrate":  # not running: a round trip more costs it nothing
                 return await self._unchanged_state()
             if self._prepared:
@@ -223,6 +239,7 @@ class QemuTarget:
             if pending:
                 with contextlib.suppress(Exception):
                     await pending
+        await self._fleeced(quiet=True)  # a cycle that failed inside its pause
         if self._capture:
             with contextlib.suppress(Exception):  # QEMU may be gone: then so is all of it
                 await self._capture.close()
