@@ -96,8 +96,7 @@ class DiskCapture:
                 f.job = self._name(f"trial{f.index}")
                 await self._for(d, "blockdev-backup", device=d.node, target=f.scratch,
                                 sync="none", **{"job-id": f.job})
-                await self._end_job(f.job)
-                await self._del_node(f.scratch, f.file)
+                await self._discard(f)
             await self._prepare()
         except BaseException:
             await self.close()
@@ -182,8 +181,7 @@ class DiskCapture:
         for f in taken:
             await self._drop_export(f.export)
         for f in taken:
-            await self._end_job(f.job)
-            await self._del_node(f.scratch, f.file)
+            await self._discard(f)
         for f in taken:
             d = self.disks[f.index]
             if not kept:
@@ -213,11 +211,13 @@ class DiskCapture:
     async def _job_gone(self, job: str) -> bool:
         return all(j["device"] != job for j in await self.qmp.cmd("query-block-jobs"))
 
-    async def _del_node(self, node: str, file: Path) -> None:
+    async def _discard(self, f: _Fleece) -> None:
+        """Its backup job ended, then its scratch node and image gone."""
+        await self._end_job(f.job)
         with contextlib.suppress(QemuError):
-            await self.qmp.cmd("blockdev-del", **{"node-name": node})
+            await self.qmp.cmd("blockdev-del", **{"node-name": f.scratch})
         with contextlib.suppress(FileNotFoundError):
-            file.unlink()
+            f.file.unlink()
 
     @staticmethod
     async def _until(done, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -233,8 +233,7 @@ class DiskCapture:
             for f in self._taken:
                 await self._drop_export(f.export)
             for f in self._taken + self._next:
-                await self._end_job(f.job)
-                await self._del_node(f.scratch, f.file)
+                await self._discard(f)
             for f in self._taken:
                 if f.frozen:  # taken by a pause that failed before it was released
                     with contextlib.suppress(QemuError):
